@@ -1,0 +1,54 @@
+"""The ``vitbn`` command. Each sub-command lives in a module of this package that exposes
+``register(subparsers)``; ``register`` adds a parser whose ``func`` default takes the parsed args and returns
+an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Sub-command modules, in the order ``vitbn --help`` lists them.
+MODULES = ("models", "train", "experiment", "report", "bn", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vitbn import __version__
+
+    parser = argparse.ArgumentParser(prog="vitbn", description="Vision Transformers with LayerNorm and BatchNorm.")
+    parser.add_argument("--version", action="version", version=f"vitbn {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in MODULES:
+        try:
+            module = importlib.import_module(f"vitbn.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"vitbn.cli.{name}":
+                raise
+            continue  # a sub-command not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vitbn.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError) as exc:
+        if os.environ.get("VITBN_DEBUG"):
+            raise
+        print(f"vitbn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitbn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

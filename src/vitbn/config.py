@@ -1,0 +1,320 @@
+"""Configuration dataclasses: one per concern, grouped in ``RunConfig``.
+
+Every config is a plain dataclass that validates itself in ``__post_init__`` and round-trips through
+``to_dict`` / ``from_dict`` (and YAML), so that the whole configuration can be logged as flat MLflow params
+(``flatten``) and saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+NORMS = ("layer", "batch", "none")
+POOLS = ("cls", "mean")
+POS_EMBS = ("learn", "pe1d", "pe2d")
+BN_STATS = ("feature", "scalar")
+ATTN_IMPLS = ("auto", "sdpa", "explicit")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field_name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
+def _positive(field_name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{field_name}={value!r} must be a positive integer")
+
+
+def _non_negative(field_name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{field_name}={value!r} must be >= 0")
+
+
+def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Returns ``(h, w)`` from an int or a 2-sequence."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"expected an int or a pair (h, w), got {value!r}")
+        return int(value[0]), int(value[1])
+    return value, value
+
+
+@dataclass
+class ModelConfig:
+    """A VisionTransformer. Defaults are the study's MNIST ViT (vit-pytorch keywords)."""
+
+    name: str = "custom"  # preset it came from; informational
+    image_size: int | tuple[int, int] = 28
+    patch_size: int | tuple[int, int] = 7
+    channels: int = 1
+    num_classes: int = 10
+    dim: int = 64
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    mlp_dim: int = 128
+    pool: str = "cls"  # "cls": classify the CLS token; "mean": average the tokens
+    class_token: bool | None = None  # None: a CLS token iff pool == "cls" (vit-pytorch's current layout)
+    pos_emb: str = "learn"  # "learn" | "pe1d" (1-D sincos) | "pe2d" (2-D sincos)
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    # One norm per position, each "layer" | "batch" | "none".
+    embed_norm: str = "layer"  # both norms of the patch embedding (on patch pixels, then on tokens)
+    attn_norm: str = "layer"  # pre-norm of every attention sub-block
+    ffn_norm: str = "layer"  # pre-norm of every feed-forward sub-block
+    ffn_inner_norm: str = "none"  # between fc1 and GELU
+    final_norm: str = "layer"  # after the last block
+    bn_stats: str = "feature"  # "feature": per-feature BN stats; "scalar": the original code's BatchNorm2d(1)
+    bn_momentum: float = 0.1
+    ghost_batch_size: int | None = None  # BN statistics over sub-batches of this many images (ghost BN)
+    attn_impl: str = "auto"  # "sdpa" fused kernel, "explicit" matmul-softmax-matmul, "auto": fastest measured
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)
+        if isinstance(self.patch_size, list):
+            self.patch_size = tuple(self.patch_size)
+        (ih, iw), (ph, pw) = pair(self.image_size), pair(self.patch_size)
+        for name, value in (("image_size", ih), ("image_size", iw), ("patch_size", ph), ("patch_size", pw)):
+            _positive(name, value)
+        if ih % ph or iw % pw:
+            raise ValueError(
+                f"patch_size={self.patch_size!r} must divide image_size={self.image_size!r} in both dimensions"
+            )
+        for name in ("channels", "num_classes", "dim", "depth", "heads", "dim_head", "mlp_dim"):
+            _positive(name, getattr(self, name))
+        _choice("pool", self.pool, POOLS)
+        _choice("pos_emb", self.pos_emb, POS_EMBS)
+        for name in ("embed_norm", "attn_norm", "ffn_norm", "ffn_inner_norm", "final_norm"):
+            _choice(name, getattr(self, name), NORMS)
+        _choice("bn_stats", self.bn_stats, BN_STATS)
+        _choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        for name in ("dropout", "emb_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r} must be in [0, 1)")
+        if not 0.0 <= self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum={self.bn_momentum!r} must be in [0, 1]")
+        if self.ghost_batch_size is not None:
+            _positive("ghost_batch_size", self.ghost_batch_size)
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.pool == "cls" if self.class_token is None else bool(self.class_token)
+
+    @property
+    def num_patches(self) -> int:
+        (ih, iw), (ph, pw) = pair(self.image_size), pair(self.patch_size)
+        return (ih // ph) * (iw // pw)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + int(self.has_class_token)
+
+    @property
+    def uses_batchnorm(self) -> bool:
+        norms = (self.embed_norm, self.attn_norm, self.ffn_norm, self.ffn_inner_norm, self.final_norm)
+        return "batch" in norms
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    dataset: str = "mnist"  # a registered name, "npz:PATH" or "folder:PATH"
+    root: str | None = None  # None: $VITBN_DATA, else ~/.cache/vitbn
+    download: bool = True
+    val_size: int = 0  # images carved (seeded) from the training set for validation; 0: none
+    split_seed: int = 0
+    test_every_epoch: bool = True  # the study's practice; False: the test set is evaluated once, at the end
+    train_subset: int | None = None  # keep the first N training images (quick runs, tests)
+    test_subset: int | None = None  # keep the first N test images
+
+    def __post_init__(self) -> None:
+        _non_negative("val_size", self.val_size)
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+
+
+@dataclass
+class TrainConfig:
+    """The optimization and the machinery around it."""
+
+    epochs: int = 30
+    batch_size: int = 100
+    eval_batch_size: int = 5000
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"  # the study's; "cosine" decays to 0 after a linear warm-up
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global grad norm
+    max_steps_per_epoch: int | None = None  # cap on batches per epoch (smoke runs, tests)
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    threads: int | None = None  # torch.set_num_threads; None leaves PyTorch's choice
+    seed: int = 0
+    out_dir: str = "runs"  # checkpoints and exported models go to out_dir/<run name>
+    resume: bool = False
+    precise_bn: bool = False  # recompute BN population statistics before every evaluation
+    precise_bn_batches: int = 50
+    sync_bn: bool = False  # distributed runs: SyncBatchNorm across ranks
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        for name in ("epochs", "batch_size", "eval_batch_size", "precise_bn_batches"):
+            _positive(name, getattr(self, name))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        for name in ("weight_decay", "warmup_epochs", "label_smoothing"):
+            _non_negative(name, getattr(self, name))
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be > 0 or null")
+        for name in ("max_steps_per_epoch", "threads"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+
+
+@dataclass
+class TrackConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
+    experiment: str = "vitbn"
+    run_name: str | None = None
+
+
+@dataclass
+class HPOConfig:
+    """Bayesian optimization (Ax) of the learning rate and the batch size."""
+
+    trials: int = 20
+    sobol_trials: int = 5  # quasi-random trials before BoTorch takes over
+    epochs: int = 3  # epochs per trial
+    lr_min: float | None = None  # None: the study's range for the model (ViT [1e-5, 1e-3], BN [1e-5, 1e-2])
+    lr_max: float | None = None
+    batch_min: int = 20
+    batch_max: int = 120
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("trials", "epochs", "batch_min", "batch_max"):
+            _positive(name, getattr(self, name))
+        _non_negative("sobol_trials", self.sobol_trials)
+        if self.batch_min > self.batch_max:
+            raise ValueError(f"batch_min={self.batch_min} must be <= batch_max={self.batch_max}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Builds a RunConfig; ``model.name`` naming a preset starts from that preset."""
+        data = dict(data or {})
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: model, data, train, track, hpo")
+        model = dict(data.get("model") or {})
+        if model.get("name") not in (None, "custom"):
+            from vitbn.models.registry import preset_config
+
+            base = to_dict(preset_config(model["name"]))
+            model = {**base, **model}
+        return cls(
+            model=from_dict(ModelConfig, model),
+            data=from_dict(DataConfig, data.get("data") or {}),
+            train=from_dict(TrainConfig, data.get("train") or {}),
+            track=from_dict(TrackConfig, data.get("track") or {}),
+            hpo=from_dict(HPOConfig, data.get("hpo") or {}),
+        )
+
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as nested plain dicts, tuples as lists (YAML-safe)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else plain(value)
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Builds a flat config dataclass, rejecting unknown keys with the list of allowed ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {', '.join(names)}")
+    return cls(**data)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
