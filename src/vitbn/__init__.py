@@ -1,6 +1,6 @@
 """vitbn: train, time, track, tune and compare Vision Transformers with LayerNorm and BatchNorm."""
 
-from vitbn.models import ViT, ViTBN, ViTBNFFN, VisionTransformer, create_model, list_models
+from vitbn.models import VisionTransformer, ViT, ViTBN, ViTBNFFN, create_model, list_models
 
 __version__ = "0.1.0"
 

@@ -97,6 +97,10 @@ class ModelConfig:
         _choice("pos_emb", self.pos_emb, POS_EMBS)
         for name in ("embed_norm", "attn_norm", "ffn_norm", "ffn_inner_norm", "final_norm"):
             _choice(name, getattr(self, name), NORMS)
+        if self.pos_emb == "pe2d" and self.dim % 4:
+            raise ValueError(f"pos_emb='pe2d' needs dim divisible by 4, got dim={self.dim}")
+        if self.pos_emb == "pe1d" and self.dim % 2:
+            raise ValueError(f"pos_emb='pe1d' needs an even dim, got dim={self.dim}")
         _choice("bn_stats", self.bn_stats, BN_STATS)
         _choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         for name in ("dropout", "emb_dropout"):

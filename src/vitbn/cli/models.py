@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
     for name in list_models():
         model = create_model(name, **overrides)
         c = model.config
-        norms = f"embed={c.embed_norm} attn={c.attn_norm} ffn={c.ffn_norm} inner={c.ffn_inner_norm} final={c.final_norm}"
+        norms = (
+            f"embed={c.embed_norm} attn={c.attn_norm} ffn={c.ffn_norm} inner={c.ffn_inner_norm} final={c.final_norm}"
+        )
         fwd, train = forward_flops(model) / 1e6, forward_flops(model, train=True) / 1e6
         print(f"{name:<10} {c.depth:>5} {count_params(model):>10,} {fwd:>14.2f} {train:>16.2f}  {norms}")
     return 0

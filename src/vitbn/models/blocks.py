@@ -21,10 +21,23 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         bn = bn_options(config)
-        self.attn = Attention(dim=config.dim, heads=config.heads, dim_head=config.dim_head, dropout=config.dropout,
-                              norm=config.attn_norm, impl=config.attn_impl, **bn)
-        self.ff = FeedForward(dim=config.dim, hidden_dim=config.mlp_dim, dropout=config.dropout,
-                              norm=config.ffn_norm, inner_norm=config.ffn_inner_norm, **bn)
+        self.attn = Attention(
+            dim=config.dim,
+            heads=config.heads,
+            dim_head=config.dim_head,
+            dropout=config.dropout,
+            norm=config.attn_norm,
+            impl=config.attn_impl,
+            **bn,
+        )
+        self.ff = FeedForward(
+            dim=config.dim,
+            hidden_dim=config.mlp_dim,
+            dropout=config.dropout,
+            norm=config.ffn_norm,
+            inner_norm=config.ffn_inner_norm,
+            **bn,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)

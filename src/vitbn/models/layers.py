@@ -23,8 +23,16 @@ class PatchEmbed(nn.Module):
     ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``, so its weights load unchanged.
     """
 
-    def __init__(self, *, image_size: tuple[int, int], patch_size: tuple[int, int], channels: int, dim: int,
-                 norm: str, **bn_options) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int],
+        patch_size: tuple[int, int],
+        channels: int,
+        dim: int,
+        norm: str,
+        **bn_options,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
@@ -73,8 +81,9 @@ class Attention(nn.Module):
     see ``vitbn bench``), sdpa elsewhere.
     """
 
-    def __init__(self, *, dim: int, heads: int, dim_head: int, dropout: float, norm: str, impl: str = "auto",
-                 **bn_options) -> None:
+    def __init__(
+        self, *, dim: int, heads: int, dim_head: int, dropout: float, norm: str, impl: str = "auto", **bn_options
+    ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head, self.impl = heads, dim_head, impl
@@ -113,8 +122,7 @@ class FeedForward(nn.Module):
     between fc1 and GELU.
     """
 
-    def __init__(self, *, dim: int, hidden_dim: int, dropout: float, norm: str, inner_norm: str,
-                 **bn_options) -> None:
+    def __init__(self, *, dim: int, hidden_dim: int, dropout: float, norm: str, inner_norm: str, **bn_options) -> None:
         super().__init__()
         self.norm = make_norm(norm, dim, **bn_options)
         self.fc1 = nn.Linear(dim, hidden_dim)

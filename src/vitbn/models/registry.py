@@ -13,8 +13,21 @@ from vitbn.config import ModelConfig
 from vitbn.models.vit import VARIANT_NORMS, VisionTransformer, ViT, ViTBN, ViTBNFFN
 
 # The study's MNIST hyperparameters (vit-pytorch keywords), shared by the three presets.
-STUDY_MNIST = dict(image_size=28, patch_size=7, channels=1, num_classes=10, dim=64, depth=6, heads=8, dim_head=64,
-                   mlp_dim=128, dropout=0.0, emb_dropout=0.0, pool="cls", pos_emb="learn")
+STUDY_MNIST = dict(
+    image_size=28,
+    patch_size=7,
+    channels=1,
+    num_classes=10,
+    dim=64,
+    depth=6,
+    heads=8,
+    dim_head=64,
+    mlp_dim=128,
+    dropout=0.0,
+    emb_dropout=0.0,
+    pool="cls",
+    pos_emb="learn",
+)
 
 _PRESETS: dict[str, tuple[type[VisionTransformer], dict]] = {}
 

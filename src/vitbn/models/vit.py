@@ -15,8 +15,9 @@ from vitbn.models.layers import PatchEmbed, dropout_or_identity, sincos_1d, sinc
 # BatchNorm inside the FFN instead of in front of it; ViTBN replaces every LayerNorm by token BatchNorm.
 VARIANT_NORMS = {
     "vit": dict(embed_norm="layer", attn_norm="layer", ffn_norm="layer", ffn_inner_norm="none", final_norm="layer"),
-    "vitbnffn": dict(embed_norm="layer", attn_norm="layer", ffn_norm="none", ffn_inner_norm="batch",
-                     final_norm="layer"),
+    "vitbnffn": dict(
+        embed_norm="layer", attn_norm="layer", ffn_norm="none", ffn_inner_norm="batch", final_norm="layer"
+    ),
     "vitbn": dict(embed_norm="batch", attn_norm="batch", ffn_norm="none", ffn_inner_norm="batch", final_norm="batch"),
 }
 
@@ -32,8 +33,9 @@ class VisionTransformer(nn.Module):
         self.config = config
         c = config
         image, patch = pair(c.image_size), pair(c.patch_size)
-        self.to_patch_embedding = PatchEmbed(image_size=image, patch_size=patch, channels=c.channels, dim=c.dim,
-                                             norm=c.embed_norm, **bn_options(c))
+        self.to_patch_embedding = PatchEmbed(
+            image_size=image, patch_size=patch, channels=c.channels, dim=c.dim, norm=c.embed_norm, **bn_options(c)
+        )
         self.cls_token = nn.Parameter(torch.randn(1, c.dim)) if c.has_class_token else None
         if c.pos_emb == "learn":
             self.pos_embedding = nn.Parameter(torch.randn(c.num_tokens, c.dim))
@@ -71,18 +73,47 @@ class VisionTransformer(nn.Module):
         return self.mlp_head(self.pool(x)), maps
 
 
-def _variant_config(variant: str, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
-                    channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, pos_emb="learn", **extra) -> ModelConfig:
+def _variant_config(
+    variant: str,
+    *,
+    image_size,
+    patch_size,
+    num_classes,
+    dim,
+    depth,
+    heads,
+    mlp_dim,
+    pool="cls",
+    channels=3,
+    dim_head=64,
+    dropout=0.0,
+    emb_dropout=0.0,
+    pos_emb="learn",
+    **extra,
+) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(extra) - fields)
     if unknown:
         raise TypeError(f"unexpected keyword(s) {unknown}; allowed: {sorted(fields - {'name'})}")
     norms = {**VARIANT_NORMS[variant], **{k: v for k, v in extra.items() if k in VARIANT_NORMS[variant]}}
     rest = {k: v for k, v in extra.items() if k not in norms}
-    return ModelConfig(**{"name": variant, **rest}, image_size=image_size, patch_size=patch_size,
-                       num_classes=num_classes, dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim, pool=pool,
-                       channels=channels, dim_head=dim_head, dropout=dropout, emb_dropout=emb_dropout,
-                       pos_emb=pos_emb, **norms)
+    return ModelConfig(
+        **{"name": variant, **rest},
+        image_size=image_size,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        mlp_dim=mlp_dim,
+        pool=pool,
+        channels=channels,
+        dim_head=dim_head,
+        dropout=dropout,
+        emb_dropout=emb_dropout,
+        pos_emb=pos_emb,
+        **norms,
+    )
 
 
 class _Variant(VisionTransformer):
