@@ -1,0 +1,160 @@
+"""Data-parallel training helpers: ``torchrun`` environment, data shards, DDP wrapping with optional SyncBN.
+
+Launched as ``torchrun --nproc-per-node N -m vitbn train ...``, every rank trains on its shard of the
+in-memory data with DDP (gloo on the CPU, NCCL on CUDA). Without SyncBN each rank's BatchNorm normalizes
+over its own shard of the batch; with it, over the whole global batch. Tracking and checkpoints are the job
+of rank 0 (``is_main_process``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vitbn.bn.syncbn import convert_sync_batchnorm
+from vitbn.errors import UserError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_HINT = "launch with torchrun --nproc-per-node N -m vitbn train ..."
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job; a single process is rank 0 of 1 with no backend."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # "gloo" | "nccl" | None (not distributed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def device(self, device: str | torch.device) -> torch.device:
+        """The device of this rank: ``cuda:<local_rank>`` for a CUDA run, else ``device`` unchanged."""
+        device = torch.device(device)
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.distributed else device
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} in the environment is not an integer; {LAUNCH_HINT}") from None
+
+
+def init_distributed(device: str | torch.device = "cpu", *, sync_bn: bool = False) -> DistInfo:
+    """Joins the process group that ``torchrun`` describes in the environment, if any.
+
+    Without a torchrun environment this is a single process (``DistInfo()``), unless ``sync_bn`` asks for
+    synchronization or a partial environment (``WORLD_SIZE`` without ``RANK``...) says a launch went wrong:
+    both are one-line ``UserError``s. Calling it again returns the current group's info.
+
+    Args:
+        device: the training device (or "auto"); CUDA selects NCCL (and ``cuda:<LOCAL_RANK>``), anything else
+            gloo.
+        sync_bn: whether the run asks for SyncBatchNorm.
+    """
+    present = [name for name in TORCHRUN_VARS if os.environ.get(name)]
+    if not present:
+        if sync_bn:
+            raise UserError(f"--sync-bn needs a distributed run, but RANK/WORLD_SIZE are not set: {LAUNCH_HINT}")
+        return DistInfo()
+    missing = [name for name in TORCHRUN_VARS if not os.environ.get(name)]
+    if missing:
+        raise UserError(f"{', '.join(present)} set but {', '.join(missing)} missing: {LAUNCH_HINT}")
+    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent: need 0 <= RANK < WORLD_SIZE")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, backend)
+
+
+def destroy_distributed() -> None:
+    """Leaves the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a process that is not distributed."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shard(split: Any, rank: int, world_size: int) -> Any:
+    """Rank ``rank``'s share of a data ``Split``: every ``world_size``-th image from ``rank`` on.
+
+    Every rank gets the same number of images (the last ``len % world_size`` are dropped) so that all ranks
+    run the same number of steps, and, without shuffling, batch i of the ranks together is batch i of one
+    process with ``world_size`` times the batch size.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
+    per_rank = len(split) // world_size
+    if per_rank == 0:
+        raise UserError(f"cannot shard {len(split)} images over {world_size} ranks")
+    index = torch.arange(rank, per_rank * world_size, world_size)
+    return dataclasses.replace(split, images=split.images[index], labels=split.labels[index])
+
+
+def wrap_ddp(model: nn.Module, *, sync_bn: bool = False, device: str | torch.device | None = None) -> nn.Module:
+    """The model to train: DDP-wrapped in a distributed run (after converting BatchNorm to SyncBatchNorm if
+    ``sync_bn``), the model itself otherwise.
+
+    The conversion keeps the parameter objects, so an optimizer may be built before or after. Reach the
+    underlying model with ``unwrap``.
+
+    Args:
+        model: the model.
+        sync_bn: synchronize BatchNorm statistics over all ranks.
+        device: where the model lives; default: where its parameters are.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if sync_bn:
+            raise UserError(f"--sync-bn needs a distributed run (no process group): {LAUNCH_HINT}")
+        return model
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if sync_bn:  # PyTorch's fused kernels on CUDA; DDP rejects nn.SyncBatchNorm elsewhere
+        model = (
+            nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
+        )
+    model.to(device)
+    if device.type != "cuda":
+        return DistributedDataParallel(model)
+    return DistributedDataParallel(model, device_ids=[device.index if device.index is not None else 0])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (the model itself if not wrapped)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (the value itself when not distributed); call on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=backend_device).reshape(1).clone()
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
