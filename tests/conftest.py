@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models run fastest on one thread, and a loaded 2-core machine makes 2 threads spin: child processes
+# (CLI tests, torchrun) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -14,7 +18,7 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 if not os.environ.get("VITBN_DATA") and SHARED_DATA.is_dir():
     os.environ["VITBN_DATA"] = str(SHARED_DATA)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 
 
 @pytest.fixture

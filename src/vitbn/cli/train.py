@@ -1,0 +1,193 @@
+"""``vitbn train`` (one training run, settings from flags and/or a YAML file) and ``vitbn eval`` (a saved model
+on a test set)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from vitbn.config import DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, RunConfig, load_yaml
+from vitbn.errors import UserError
+
+SECTIONS = ("model", "data", "train", "track", "hpo")
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+# flag -> (config section, field, argparse keywords). Every default is None: only the flags given override
+# the config file (or the dataclass defaults).
+FLAGS: dict[str, tuple[str, str, dict]] = {
+    "--model": ("model", "name", dict(help="model preset: vit, vitbnffn, vitbn (see `vitbn models`)")),
+    "--depth": ("model", "depth", dict(type=int, help="number of transformer blocks")),
+    "--dataset": ("data", "dataset", dict(help="mnist, a registered dataset, npz:PATH or folder:PATH")),
+    "--data-root": ("data", "root", dict(help="folder holding <dataset>/ (default $VITBN_DATA)")),
+    "--val-size": ("data", "val_size", dict(type=int, help="training images held out for validation")),
+    "--train-subset": ("data", "train_subset", dict(type=int, help="use the first N training images")),
+    "--test-subset": ("data", "test_subset", dict(type=int, help="use the first N test images")),
+    "--epochs": ("train", "epochs", dict(type=int)),
+    "--lr": ("train", "lr", dict(type=float, help="learning rate")),
+    "--batch-size": ("train", "batch_size", dict(type=int)),
+    "--eval-batch-size": ("train", "eval_batch_size", dict(type=int)),
+    "--optimizer": ("train", "optimizer", dict(choices=OPTIMIZERS)),
+    "--weight-decay": ("train", "weight_decay", dict(type=float)),
+    "--schedule": ("train", "schedule", dict(choices=SCHEDULES, help="constant (the study's) or cosine")),
+    "--warmup-epochs": ("train", "warmup_epochs", dict(type=float, help="linear warm-up length")),
+    "--label-smoothing": ("train", "label_smoothing", dict(type=float)),
+    "--grad-clip": ("train", "grad_clip", dict(type=float, help="max global gradient norm")),
+    "--device": ("train", "device", dict(choices=DEVICES)),
+    "--precision": ("train", "precision", dict(choices=PRECISIONS)),
+    "--compile": ("train", "compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile the model")),
+    "--threads": ("train", "threads", dict(type=int, help="torch.set_num_threads")),
+    "--seed": ("train", "seed", dict(type=int)),
+    "--max-steps": ("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch")),
+    "--precise-bn": (
+        "train",
+        "precise_bn",
+        dict(action=argparse.BooleanOptionalAction, help="recompute BN statistics before each evaluation"),
+    ),
+    "--out-dir": ("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
+    "--resume": ("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's checkpoint")),
+    "--tracking-uri": ("track", "tracking_uri", dict(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite)")),
+    "--experiment": ("track", "experiment", dict(help="MLflow experiment name")),
+    "--run-name": ("track", "run_name", dict(help="run name (default <model>-<time>)")),
+}
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train one model (flags and/or --config FILE.yaml)")
+    train.add_argument("--config", metavar="FILE", help="YAML with sections model/data/train/track/hpo")
+    for flag, (_, _, kwargs) in FLAGS.items():
+        train.add_argument(flag, **{"default": None, **kwargs})
+    train.add_argument("--no-track", action="store_true", help="no MLflow (metrics stay in memory and the run folder)")
+    train.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    train.set_defaults(func=run_train)
+
+    ev = subparsers.add_parser("eval", help="evaluate a saved model (model.pt) on a test set")
+    ev.add_argument("model", metavar="MODEL", help="a model.pt written by `vitbn train`")
+    ev.add_argument("--dataset", default="mnist")
+    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
+    ev.add_argument("--batch-size", type=int, default=5000)
+    ev.add_argument("--device", choices=DEVICES, default="auto")
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    ev.add_argument("--fuse-bn", action="store_true", help="fold BatchNorms into the linear layers first")
+    ev.set_defaults(func=run_eval)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The config file (if any) with the given flags written over it."""
+    data = load_yaml(args.config) if args.config else {}
+    merged = dict(data)
+    for name in SECTIONS:
+        section = data.get(name) or {}
+        if not isinstance(section, dict):
+            raise UserError(f"config file {args.config}: section {name!r} must be a mapping")
+        merged[name] = dict(section)
+    for flag, (section, key, _) in FLAGS.items():
+        value = getattr(args, _dest(flag))
+        if value is not None:
+            merged[section][key] = value
+    if args.no_track:
+        merged["track"]["enabled"] = False
+    return RunConfig.from_dict(merged)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def resume_command(args: argparse.Namespace, run_name: str) -> str:
+    """The ``vitbn train`` command line that continues this run."""
+    parts = ["vitbn", "train"]
+    if args.config:
+        parts += ["--config", args.config]
+    for flag in FLAGS:
+        value = getattr(args, _dest(flag))
+        if value is None or flag in ("--resume", "--run-name"):
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            parts += [flag, str(value)]
+    if args.no_track:
+        parts.append("--no-track")
+    return shlex.join([*parts, "--run-name", run_name, "--resume"])
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vitbn.engine import fit
+
+    config = config_from_args(args)
+    result = fit(config, progress=args.progress)
+    name, epochs = result.out_dir.name, len(result.history)
+    if result.status == "diverged":
+        print(
+            f"vitbn train: run {name} diverged in epoch {epochs} (non-finite training loss); try a lower --lr",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
+    if result.status == "killed":
+        print(
+            f"vitbn train: interrupted after {epochs} complete epoch(s); resume with: {resume_command(args, name)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(_summary(result, config))
+    return 0
+
+
+def _summary(result, config: RunConfig) -> str:
+    final, history = result.final, result.history
+    metrics = [f"{k} {100 * final[k]:.2f}%" for k in ("val/acc", "test/acc") if k in final]
+    seconds = [r["time/train_epoch_s"] for r in history]
+    per_epoch = f"{sum(seconds) / len(seconds):.1f} s/epoch train" if seconds else ""
+    tracked = f"; MLflow run {result.run_id}" if config.track.enabled else ""
+    return (
+        f"run {result.out_dir.name} finished after {len(history)} epoch(s): {'  '.join(metrics)}  {per_epoch}; "
+        f"model {result.out_dir / 'model.pt'}{tracked}"
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from vitbn.config import DataConfig
+    from vitbn.data import InMemoryLoader, prepare_data
+    from vitbn.engine import evaluate, load_model, resolve_device
+    from vitbn.engine.setup import check_data_fits_model
+    from vitbn.models import count_params
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, map_location=device)
+    data = prepare_data(DataConfig(dataset=args.dataset, root=args.data_root, test_subset=args.test_subset))
+    check_data_fits_model(model.config, data.info)
+    if args.fuse_bn:
+        from vitbn.bn import fuse_bn
+
+        model = fuse_bn(model)
+    loader = InMemoryLoader(data.test, batch_size=args.batch_size, mean=data.info.mean, std=data.info.std,
+                            device=device)  # fmt: skip
+    result = evaluate(model, loader, device=device, precision=args.precision)
+    print(f"model     {args.model}  ({model.config.name}, {count_params(model):,} parameters)")
+    print(f"data      {data.info.name} test set, {result['num_samples']} images, on {device} ({args.precision})")
+    rate = result["num_samples"] / result["seconds"] if result["seconds"] else float("nan")
+    print(f"accuracy  {100 * result['acc']:.2f}%   loss {result['loss']:.4f}")
+    print(f"time      {result['seconds']:.3f} s  ({rate:.0f} images/s)")
+    print(format_per_class(result, data.info.classes))
+    print(format_confusion(result["confusion"], data.info.classes))
+    return 0
+
+
+def format_per_class(result: dict, classes: list[str]) -> str:
+    counts = result["confusion"].sum(dim=1).tolist()
+    lines = ["per-class accuracy"]
+    for name, acc, n in zip(classes, result["per_class_acc"], counts):
+        lines.append(f"  {name:>10}  {100 * acc:6.2f}%  of {n}")
+    return "\n".join(lines)
+
+
+def format_confusion(confusion, classes: list[str]) -> str:
+    """The (K, K) matrix with class names; rows are true classes, columns predictions."""
+    k = len(classes)
+    width = max(5, max(len(str(int(v))) for v in confusion.flatten()) + 1, *(len(c) + 1 for c in classes[:k]))
+    head = " " * 12 + "".join(f"{c[: width - 1]:>{width}}" for c in classes)
+    rows = [f"  {name[:10]:>10}" + "".join(f"{int(v):>{width}}" for v in row) for name, row in zip(classes, confusion)]
+    return "\n".join(["confusion matrix (rows: true class, columns: predicted)", head, *rows])

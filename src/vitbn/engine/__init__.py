@@ -1,0 +1,22 @@
+"""Training engine: ``fit`` (train, evaluate, time, checkpoint, track), ``evaluate``, model export."""
+
+from vitbn.engine.checkpoint import export_model, load_checkpoint, load_model
+from vitbn.engine.device import resolve_device, seed_everything
+from vitbn.engine.evaluate import evaluate
+from vitbn.engine.loop import FitResult, fit
+from vitbn.engine.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
+
+__all__ = [
+    "FitResult",
+    "WarmupCosine",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "export_model",
+    "fit",
+    "load_checkpoint",
+    "load_model",
+    "param_groups",
+    "resolve_device",
+    "seed_everything",
+]

@@ -1,0 +1,152 @@
+"""Atomic checkpoints of a run, and the exported model (weights + config).
+
+Everything written here loads with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+containers only (the numpy RNG state is stored as a tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitbn.errors import UserError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+
+
+_defer = {"depth": 0, "received": 0}  # nesting depth of deferred blocks; SIGINTs held back
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Holds back Ctrl-C (SIGINT) until the block is done, then raises KeyboardInterrupt; so that a file
+    being written, or a run being closed, is finished first. Nested blocks defer to the outermost one.
+    A no-op outside the main thread (signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _defer["depth"] += 1
+    if _defer["depth"] > 1:
+        try:
+            yield
+        finally:
+            _defer["depth"] -= 1
+        return
+    _defer["received"] = 0
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: _defer.update(received=_defer["received"] + 1))
+    try:
+        yield
+    finally:
+        _defer["depth"] = 0
+        signal.signal(signal.SIGINT, previous)
+    if _defer["received"]:
+        _defer["received"] = 0
+        raise KeyboardInterrupt
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: readers see the old file or
+    the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with deferred_interrupt():
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of torch (CPU and CUDA), numpy and Python generators."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by the engine, with a one-line UserError for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or unsafe content
+        raise UserError(f"checkpoint {path} cannot be read: {_first_line(exc)}") from None
+    missing = {"model", "optimizer", "epoch", "history", "config", "rng"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise UserError(f"checkpoint {path} is not a vitbn checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The eager module behind a ``torch.compile`` wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def export_model(model: nn.Module, path: str | Path) -> Path:
+    """Writes ``{"config", "state_dict", "vitbn_version"}`` (tensors on CPU) atomically; ``load_model`` reads it."""
+    from vitbn import __version__
+    from vitbn.config import to_dict
+
+    model = unwrap(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({"config": to_dict(model.config), "state_dict": state, "vitbn_version": __version__}, path)
+    return Path(path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """A VisionTransformer from a file written by ``export_model``; one-line UserError for a missing or
+    corrupt file."""
+    from vitbn.config import ModelConfig, from_dict
+    from vitbn.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise UserError(f"model file {path} cannot be read: {_first_line(exc)}") from None
+    if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
+        raise UserError(f"model file {path} is not a vitbn model (expected keys 'config' and 'state_dict')")
+    try:
+        model = build_model(from_dict(ModelConfig, saved["config"]))
+        model.load_state_dict(saved["state_dict"])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"model file {path} does not match its config: {_first_line(exc)}") from None
+    return model.to(map_location).eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

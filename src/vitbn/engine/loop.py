@@ -1,0 +1,355 @@
+"""``fit``: the training loop with evaluation, timing, checkpoints, tracking and divergence detection."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitbn.config import RunConfig, save_yaml
+from vitbn.engine.checkpoint import (
+    CHECKPOINT_NAME,
+    MODEL_NAME,
+    atomic_save,
+    deferred_interrupt,
+    export_model,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from vitbn.engine.device import make_amp, resolve_device, seed_everything
+from vitbn.engine.evaluate import evaluate
+from vitbn.engine.history import write_history
+from vitbn.engine.optim import build_optimizer, build_scheduler
+from vitbn.engine.progress import Progress
+from vitbn.engine.setup import (
+    changed_settings,
+    check_data_fits_model,
+    default_run_name,
+    make_loaders,
+    run_params,
+)
+from vitbn.engine.step import make_loss, train_step
+from vitbn.engine.timing import Stopwatch
+from vitbn.errors import UserError
+from vitbn.tracking import Tracker, make_tracker
+from vitbn.tracking.env import environment_tags
+
+__all__ = ["FINITE_CHECK_EVERY", "FitResult", "fit", "resolve_device"]
+
+# Steps between checks of the running loss sum for NaN/inf: one host-device sync per this many steps.
+FINITE_CHECK_EVERY = 50
+_END_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "killed": "KILLED", "failed": "FAILED"}
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns. ``status``: ``"finished"``, ``"diverged"`` (a non-finite training loss) or
+    ``"killed"`` (Ctrl-C; the last checkpoint resumes it)."""
+
+    status: str
+    history: list[dict]
+    final: dict
+    model: nn.Module
+    run_id: str | None
+    out_dir: Path
+
+
+def fit(
+    config: RunConfig,
+    *,
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    model: nn.Module | None = None,
+    data=None,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: str | None = "auto",
+) -> FitResult:
+    """Trains a model as ``config`` says, evaluating, checkpointing and logging every epoch.
+
+    Args:
+        config: the run; ``train.resume`` continues ``<train.out_dir>/<track.run_name>/checkpoint.pt``.
+        tracker: where params, metrics and artifacts go; None: ``make_tracker(config.track)`` (MLflow, checked
+            for reachability before anything else; a MemoryTracker when tracking is disabled).
+        parent_run_id: makes this a nested run of that run (sweeps).
+        model: a model to train instead of ``build_model(config.model)``; its own config is logged.
+        data: a ``vitbn.data.PreparedData`` instead of ``prepare_data(config.data)``.
+        on_epoch: called with each epoch's record once it is logged and checkpointed.
+        progress: ``"auto"``, ``"bar"``, ``"lines"`` or ``"none"`` (see ``Progress``).
+
+    Returns:
+        A FitResult; a diverged or interrupted run returns too (no exception), with its status.
+    """
+    if tracker is None:
+        tracker = make_tracker(config.track)
+    return _Run(config, tracker, model=model, data=data, progress=progress).fit(parent_run_id, on_epoch)
+
+
+class _Run:
+    """One training run: built (device, data, model, optimizer, resume state) in ``__init__``, then ``fit``."""
+
+    def __init__(self, config: RunConfig, tracker: Tracker, *, model, data, progress: str | None) -> None:
+        tc = config.train
+        if tc.resume and not config.track.run_name:
+            raise UserError("resume needs the name of the run to continue (track.run_name / --run-name)")
+        self.tracker = tracker
+        self.device = resolve_device(tc.device)
+        self.amp = make_amp(tc.precision, self.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        seed_everything(tc.seed)  # the one place: model init, dropout, and the loaders' seed below
+        if data is None:
+            from vitbn.data import prepare_data
+
+            data = prepare_data(config.data)
+        self.data = data
+        if model is None:
+            from vitbn.models import build_model
+
+            model = build_model(config.model)
+        self.model = model.to(self.device)
+        self.config = dataclasses.replace(config, model=model.config)
+        check_data_fits_model(model.config, data.info)
+        self.loaders = make_loaders(data, tc, self.device)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc, len(self.loaders.train))
+        self.loss_fn = make_loss(tc.label_smoothing)
+        self.clip_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.run_name = config.track.run_name or default_run_name(model.config.name)
+        self.out_dir = Path(tc.out_dir) / self.run_name
+        self.progress = Progress(progress, tc.epochs)
+        self.history: list[dict] = []
+        self.start_epoch, self.run_id, self._rng, self._started = 0, None, None, False
+        self._load_checkpoint()
+        self.net = self.eval_net = self._compile() if tc.compile else self.model
+        self._compile_checked = {"train": not tc.compile, "eval": not tc.compile}
+
+    def _load_checkpoint(self) -> None:
+        path = self.out_dir / CHECKPOINT_NAME
+        if not path.exists():
+            if self.config.train.resume:
+                self.progress.message(f"no checkpoint in {self.out_dir}; starting run {self.run_name!r} afresh")
+            return
+        if not self.config.train.resume:
+            raise UserError(
+                f"{self.out_dir} already holds a run; pass --resume to continue it or pick another run name"
+            )
+        ckpt = load_checkpoint(path)
+        changed = changed_settings(ckpt["config"], self.config.to_dict())
+        if changed:
+            warnings.warn(f"resuming {self.run_name!r} with changed settings: {', '.join(changed)}", stacklevel=3)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"checkpoint {path} does not fit this model/optimizer: {str(exc).splitlines()[0]}"
+            ) from None
+        if self.scheduler is not None and ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.amp.scaler is not None and ckpt.get("scaler"):
+            self.amp.scaler.load_state_dict(ckpt["scaler"])
+        self.history, self.start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+        self.run_id, self._rng = ckpt.get("run_id"), ckpt["rng"]
+
+    def _compile(self) -> nn.Module:
+        try:
+            return torch.compile(self.model)
+        except Exception as exc:  # e.g. an unsupported Python version or platform
+            warnings.warn(f"torch.compile failed ({_first_line(exc)}); training the eager model", stacklevel=3)
+            return self.model
+
+    def fit(self, parent_run_id: str | None, on_epoch: Callable[[dict], None] | None) -> FitResult:
+        try:
+            self._start_tracking(parent_run_id)
+            if self._rng is not None:  # resume: continue the random streams where the checkpoint left them
+                set_rng_state(self._rng)
+            status = self._loop(on_epoch)
+            final = self._final_metrics(status)
+        except KeyboardInterrupt:
+            status, final = "killed", self._last_metrics()
+            if not self._started:
+                raise
+        except BaseException:
+            if self._started:
+                self._close("failed", quiet=True)
+            raise
+        finally:
+            self.progress.close()
+        self._close(status)
+        return FitResult(status, self.history, final, self.model, self.run_id, self.out_dir)
+
+    def _start_tracking(self, parent_run_id: str | None) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(self.config.to_dict(), self.out_dir / "config.yaml")
+        tags = {**environment_tags(str(self.device), torch.get_num_threads()), "vitbn.status": "running"}
+        if self.start_epoch:
+            tags["vitbn.resumed_from_epoch"] = self.start_epoch
+        self.run_id = self.tracker.start_run(self.run_name, parent_id=parent_run_id, tags=tags, run_id=self.run_id)
+        self._started = True
+        self.tracker.log_params(run_params(self.config, self.model))
+
+    def _loop(self, on_epoch: Callable[[dict], None] | None) -> str:
+        for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
+            record = self._train_epoch(epoch)
+            if math.isnan(record["train/loss"]):
+                self._record(record, checkpoint=False)
+                return "diverged"
+            record.update(self._evaluate_epoch(epoch))
+            self._record(record, checkpoint=True)
+            if on_epoch is not None:
+                on_epoch(record)
+        return "finished"
+
+    def _train_epoch(self, epoch: int) -> dict:
+        loader, opt = self.loaders.train, self.optimizer
+        loader.set_epoch(epoch)
+        self.net.train()
+        # Running sums stay on the device: no host sync per step (one per FINITE_CHECK_EVERY steps).
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        steps = samples = 0
+        lr = opt.param_groups[0]["lr"]
+        self.progress.start_epoch(epoch, len(loader))
+        with Stopwatch(self.device) as watch:
+            for x, y in loader:
+                lr = opt.param_groups[0]["lr"]
+                loss, hits = self._step(x, y)
+                loss_sum += loss
+                correct += hits
+                steps, samples = steps + 1, samples + y.shape[0]
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.progress.step()
+                if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+                    break
+        mean_loss = loss_sum.item() / steps
+        return {
+            "epoch": epoch,
+            "train/loss": mean_loss if math.isfinite(mean_loss) else math.nan,
+            "train/acc": correct.item() / samples,
+            "time/train_epoch_s": watch.seconds,
+            "throughput/train_img_s": samples / watch.seconds,
+            "lr": lr,
+        }
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tc = self.config.train
+        kwargs = dict(amp=self.amp, grad_clip=tc.grad_clip, clip_params=self.clip_params)
+        if self._compile_checked["train"]:
+            return train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
+        try:  # the first compiled step compiles; a compiler failure falls back to the eager model
+            out = train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
+        except Exception as exc:
+            self.net = self._compile_failed("train", exc)
+            out = train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
+        self._compile_checked["train"] = True
+        return out
+
+    def _compile_failed(self, stage: str, exc: Exception) -> nn.Module:
+        warnings.warn(f"torch.compile failed in {stage} ({_first_line(exc)}); using the eager model", stacklevel=4)
+        return self.model
+
+    def _evaluate(self, loader) -> dict:
+        kwargs = dict(device=self.device, precision=self.config.train.precision,
+                      num_classes=self.model.config.num_classes)  # fmt: skip
+        if self._compile_checked["eval"]:
+            return evaluate(self.eval_net, loader, **kwargs)
+        try:
+            out = evaluate(self.eval_net, loader, **kwargs)
+        except Exception as exc:
+            self.eval_net = self._compile_failed("evaluation", exc)
+            out = evaluate(self.eval_net, loader, **kwargs)
+        self._compile_checked["eval"] = True
+        return out
+
+    def _evaluate_epoch(self, epoch: int) -> dict:
+        tc, record = self.config.train, {}
+        if tc.precise_bn and self.model.config.uses_batchnorm:
+            from vitbn.bn import recompute_bn_stats
+
+            self.loaders.bn.set_epoch(epoch)
+            with Stopwatch(self.device) as watch:
+                recompute_bn_stats(self.model, self.loaders.bn, min(tc.precise_bn_batches, len(self.loaders.bn)))
+            record["time/precise_bn_s"] = watch.seconds
+        splits = {"val": self.loaders.val, "test": self.loaders.test if self.config.data.test_every_epoch else None}
+        seconds = [self._log_split(record, split, loader) for split, loader in splits.items() if loader is not None]
+        if seconds:
+            record["time/eval_epoch_s"] = sum(seconds)
+        return record
+
+    def _log_split(self, record: dict, split: str, loader) -> float:
+        result = self._evaluate(loader)
+        record[f"{split}/loss"], record[f"{split}/acc"] = result["loss"], result["acc"]
+        for k, acc in enumerate(result["per_class_acc"]):
+            record[f"{split}/acc_class_{k}"] = acc
+        record[f"time/{split}_epoch_s"] = result["seconds"]
+        return result["seconds"]
+
+    def _record(self, record: dict, *, checkpoint: bool) -> None:
+        """Logs an epoch and writes its checkpoint; Ctrl-C waits until both are done."""
+        with deferred_interrupt():
+            self.history.append(record)
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+            write_history(self.history, self.out_dir)
+            if checkpoint:
+                atomic_save(self._checkpoint_state(record["epoch"]), self.out_dir / CHECKPOINT_NAME)
+        self.progress.end_epoch(record)
+
+    def _checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
+            "rng": rng_state(),
+            "epoch": epoch,
+            "history": self.history,
+            "config": self.config.to_dict(),
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+        }
+
+    def _last_metrics(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        return {k: v for k, v in last.items() if k.split("/")[0] in ("train", "val", "test")}
+
+    def _final_metrics(self, status: str) -> dict:
+        """The last epoch's metrics; a finished run evaluates the test set now if it was not every epoch,
+        and exports the model."""
+        final = self._last_metrics()
+        if status != "finished":
+            return final
+        if not self.config.data.test_every_epoch:
+            record: dict = {}
+            self._log_split(record, "test", self.loaders.test)
+            self.tracker.log_metrics(record, step=self.history[-1]["epoch"] if self.history else 0)
+            final.update({k: v for k, v in record.items() if k.startswith("test/")})
+        export_model(self.model, self.out_dir / MODEL_NAME)
+        return final
+
+    def _close(self, status: str, quiet: bool = False) -> None:
+        """Logs the run's files, tags its status and ends it (FINISHED, FAILED or KILLED)."""
+        with deferred_interrupt():
+            try:
+                files = [self.out_dir / "config.yaml", *write_history(self.history, self.out_dir)]
+                for path in files:
+                    self.tracker.log_artifact(path)
+                if status == "finished":
+                    self.tracker.log_artifact(self.out_dir / MODEL_NAME, "model")
+                self.tracker.set_tags({"vitbn.status": status})
+                self.tracker.end_run(_END_STATUS[status])
+            except Exception:
+                if not quiet:
+                    raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

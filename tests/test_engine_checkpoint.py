@@ -1,0 +1,73 @@
+"""Atomic writes, Ctrl-C deferral, RNG state round trip, history files."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from vitbn.engine.checkpoint import atomic_save, deferred_interrupt, load_checkpoint, rng_state, set_rng_state
+from vitbn.engine.history import format_epoch, read_history, write_history
+from vitbn.errors import UserError
+
+
+def test_atomic_save_replaces_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "sub" / "c.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    atomic_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]
+
+
+def test_ctrl_c_waits_for_the_block():
+    done = []
+    with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+        with deferred_interrupt():  # nested: the outer block decides
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("inner")
+        done.append("outer")
+    assert done == ["inner", "outer"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    atomic_save({"rng": rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])  # weights_only: plain data only
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(UserError, match="checkpoint .*none.pt does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+    atomic_save({"model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match=r"is not a vitbn checkpoint \(missing \['config', 'epoch'"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_history_files(tmp_path):
+    history = [
+        {"epoch": 1, "train/loss": math.nan, "train/acc": 0.5, "time/train_epoch_s": 2.0,
+         "throughput/train_img_s": 50.0, "lr": 0.1},
+        {"epoch": 2, "train/loss": 0.25, "train/acc": 0.75, "test/acc": 0.8125, "time/train_epoch_s": 1.0,
+         "time/test_epoch_s": 0.5, "throughput/train_img_s": 100.0, "lr": 0.1},
+    ]  # fmt: skip
+    write_history(history, tmp_path)
+    back = read_history(tmp_path)
+    assert math.isnan(back[0]["train/loss"]) and back[1] == history[1]
+    with (tmp_path / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:3] == ["epoch", "train/loss", "train/acc"] and rows[0]["test/acc"] == ""
+    assert float(rows[1]["test/acc"]) == 0.8125
+    assert format_epoch(history[1], 30) == (
+        "epoch 2/30  train_loss 0.2500  train_acc 75.00%  test_acc 81.25%  train 1.0s  test 0.5s  100 img/s"
+    )

@@ -1,0 +1,223 @@
+"""fit(): the numbers it reports against a manual loop, resume, divergence, compile fallback, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitbn.config import DataConfig, RunConfig, flatten
+from vitbn.data import InMemoryLoader, prepare_data
+from vitbn.engine import evaluate, export_model, fit, load_model, seed_everything
+from vitbn.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vitbn.errors import UserError
+from vitbn.models import build_model
+from vitbn.tracking import MemoryTracker
+
+TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
+DATA = dict(train_subset=200, test_subset=100, val_size=40)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare_data(DataConfig(**DATA))  # real MNIST from $VITBN_DATA (tests/conftest.py)
+
+
+def make_config(tmp_path, model="vitbn", run_name="run", **train) -> RunConfig:
+    train = {"epochs": 1, "batch_size": 40, "eval_batch_size": 64, "lr": 1e-3, "device": "cpu", "threads": 1,
+             "out_dir": str(tmp_path), **train}  # fmt: skip
+    return RunConfig.from_dict({"model": {"name": model, **TINY}, "data": DATA, "train": train,
+                                "track": {"enabled": False, "run_name": run_name}})  # fmt: skip
+
+
+def manual_run(cfg: RunConfig, data) -> tuple[torch.nn.Module, float, float]:
+    """A plain loop with the same seed, data order and optimizer: the reference for fit's numbers."""
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)  # as the engine does on CPU
+    loader = InMemoryLoader(data.train, batch_size=cfg.train.batch_size, mean=data.info.mean, std=data.info.std,
+                            shuffle=True, seed=cfg.train.seed, max_batches=cfg.train.max_steps_per_epoch)  # fmt: skip
+    loader.set_epoch(1)
+    losses, correct, seen = [], 0, 0
+    model.train()
+    for x, y in loader:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct += int((logits.argmax(-1) == y).sum())
+        seen += len(y)
+    return model, sum(losses) / len(losses), correct / seen
+
+
+def test_fit_reports_the_numbers_of_a_manual_loop(tmp_path, data):
+    cfg = make_config(tmp_path, max_steps_per_epoch=3)
+    tracker = MemoryTracker()
+    result = fit(cfg, tracker=tracker, data=data, progress="none")
+    assert result.status == "finished"
+    model, mean_loss, acc = manual_run(cfg, data)
+    (record,) = result.history
+    torch.testing.assert_close(record["train/loss"], mean_loss)  # the mean over batches, not over images
+    assert record["train/acc"] == acc and record["epoch"] == 1
+    torch.testing.assert_close(result.model.state_dict(), model.state_dict())
+    model.eval()
+    for split in ("val", "test"):
+        loader = InMemoryLoader(getattr(data, split), batch_size=1000, mean=data.info.mean, std=data.info.std)
+        x, y = next(iter(loader))
+        with torch.no_grad():
+            logits = model(x)
+        torch.testing.assert_close(record[f"{split}/loss"], F.cross_entropy(logits, y).item())
+        assert record[f"{split}/acc"] == (logits.argmax(-1) == y).sum().item() / len(y)
+        for k in range(10):
+            assert record[f"{split}/acc_class_{k}"] == (logits.argmax(-1)[y == k] == k).float().mean().item()
+    assert record["time/eval_epoch_s"] == record["time/val_epoch_s"] + record["time/test_epoch_s"]
+    torch.testing.assert_close(record["throughput/train_img_s"], 3 * 40 / record["time/train_epoch_s"])
+    assert record["lr"] == 1e-3
+    # what the tracker got equals the history
+    run = tracker.run
+    for key, value in record.items():
+        if key != "epoch":
+            assert run.metrics[key] == [(1, value)], key
+    assert run.params["train.lr"] == "0.001" and "train.resume" not in run.params
+    assert set(flatten(cfg.to_dict())) - {"train.resume"} <= set(run.params)
+    assert int(run.params["model.num_params"]) == sum(p.numel() for p in model.parameters())
+    assert int(run.params["model.flops_per_image"]) > 0
+    assert run.status == "FINISHED" and run.tags["vitbn.status"] == "finished"
+    assert {p.name for p, _ in run.artifacts} == {"config.yaml", "history.json", "history.csv", "model.pt"}
+
+
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path, data):
+    # dropout (RNG), BatchNorm (running stats), a cosine schedule and Adam state must all be restored
+    def config(name, **kw):
+        cfg = make_config(
+            tmp_path, run_name=name, epochs=3, schedule="cosine", warmup_epochs=1, max_steps_per_epoch=2, **kw
+        )
+        cfg.model.dropout = 0.1
+        return cfg
+
+    whole = fit(config("whole"), tracker=MemoryTracker(), data=data, progress="none")
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    tracker = MemoryTracker()
+    killed = fit(config("parts"), tracker=tracker, data=data, on_epoch=stop_after_two, progress="none")
+    assert killed.status == "killed" and len(killed.history) == 2
+    assert tracker.run.status == "KILLED" and tracker.run.tags["vitbn.status"] == "killed"
+    assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["epoch"] == 2
+    resumed = fit(config("parts", resume=True), tracker=tracker, data=data, progress="none")
+    assert resumed.status == "finished" and resumed.run_id == killed.run_id
+    assert tracker.run.status == "FINISHED" and len(tracker.runs) == 1
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    torch.testing.assert_close(resumed.final, whole.final, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.model.state_dict(), whole.model.state_dict(), rtol=0, atol=0)
+    strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in resumed.history]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in whole.history]
+    assert tracker.run.metric("train/loss") == [r["train/loss"] for r in whole.history]
+
+
+def test_extending_a_finished_run(tmp_path, data):
+    whole = fit(make_config(tmp_path, run_name="w", epochs=2, max_steps_per_epoch=2), tracker=MemoryTracker(),
+                data=data, progress="none")  # fmt: skip
+    fit(make_config(tmp_path, run_name="e", max_steps_per_epoch=2), tracker=MemoryTracker(), data=data, progress="none")
+    more = fit(make_config(tmp_path, run_name="e", epochs=2, max_steps_per_epoch=2, resume=True),
+               tracker=MemoryTracker(), data=data, progress="none")  # fmt: skip
+    torch.testing.assert_close(more.model.state_dict(), whole.model.state_dict(), rtol=0, atol=0)
+
+
+def test_an_absurd_learning_rate_diverges_without_raising(tmp_path, data):
+    tracker = MemoryTracker()
+    result = fit(make_config(tmp_path, epochs=3, optimizer="sgd", lr=1e6), tracker=tracker, data=data, progress="none")
+    assert result.status == "diverged"
+    assert len(result.history) == 1 and math.isnan(result.history[0]["train/loss"])
+    assert math.isnan(tracker.run.metric("train/loss")[0])
+    assert tracker.run.status == "FAILED" and tracker.run.tags["vitbn.status"] == "diverged"
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_run_folder_rules(tmp_path, data):
+    with pytest.raises(UserError, match="resume needs the name of the run"):
+        fit(make_config(tmp_path, run_name=None, resume=True), tracker=MemoryTracker(), data=data)
+    fit(make_config(tmp_path, max_steps_per_epoch=1), tracker=MemoryTracker(), data=data, progress="none")
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        fit(make_config(tmp_path, max_steps_per_epoch=1), tracker=MemoryTracker(), data=data)
+
+
+def test_precision_options(tmp_path, data):
+    with pytest.raises(UserError, match="precision='fp16' needs a CUDA device"):
+        fit(make_config(tmp_path, precision="fp16"), tracker=MemoryTracker(), data=data)
+    result = fit(make_config(tmp_path, precision="bf16", max_steps_per_epoch=2), tracker=MemoryTracker(), data=data,
+                 progress="none")  # fmt: skip
+    assert result.status == "finished" and math.isfinite(result.final["test/loss"])
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, data, monkeypatch):
+    class Broken(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    with pytest.warns(UserWarning) as caught:
+        result = fit(make_config(tmp_path, compile=True, max_steps_per_epoch=2), tracker=MemoryTracker(), data=data,
+                     progress="none")  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    assert "torch.compile failed in train (compiler exploded); using the eager model" in messages
+    assert "torch.compile failed in evaluation (compiler exploded); using the eager model" in messages
+    assert result.status == "finished"
+    eager = fit(make_config(tmp_path, run_name="eager", max_steps_per_epoch=2), tracker=MemoryTracker(), data=data,
+                progress="none")  # fmt: skip
+    torch.testing.assert_close(result.final, eager.final, rtol=0, atol=0)
+
+
+def test_precise_bn_runs_before_each_evaluation(tmp_path, data, monkeypatch):
+    import vitbn.bn
+
+    calls = []
+    monkeypatch.setattr(vitbn.bn, "recompute_bn_stats", lambda model, batches, n: calls.append((model, n)))
+    result = fit(make_config(tmp_path, epochs=2, precise_bn=True, precise_bn_batches=3, max_steps_per_epoch=1),
+                 tracker=MemoryTracker(), data=data, progress="none")  # fmt: skip
+    assert [n for _, n in calls] == [3, 3] and calls[0][0] is result.model
+    assert all("time/precise_bn_s" in r for r in result.history)
+
+
+def test_test_set_only_at_the_end(tmp_path, data):
+    cfg = make_config(tmp_path, epochs=2, max_steps_per_epoch=1)
+    cfg.data.test_every_epoch = False
+    tracker = MemoryTracker()
+    result = fit(cfg, tracker=tracker, data=data, progress="none")
+    assert not any(k.startswith("test/") for r in result.history for k in r)
+    assert "val/acc" in result.history[-1]
+    assert tracker.run.metrics["test/acc"] == [(2, result.final["test/acc"])]
+
+
+def test_evaluate_and_model_export(tmp_path, data):
+    model = build_model(make_config(tmp_path).model).eval()
+    loader = InMemoryLoader(data.test, batch_size=30, mean=data.info.mean, std=data.info.std)
+    out = evaluate(model, loader)
+    x, y = next(iter(InMemoryLoader(data.test, batch_size=1000, mean=data.info.mean, std=data.info.std)))
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    expected = torch.zeros(10, 10, dtype=torch.long)
+    for t, p in zip(y.tolist(), pred.tolist()):
+        expected[t, p] += 1
+    assert torch.equal(out["confusion"], expected) and out["num_samples"] == 100
+    assert out["acc"] == (pred == y).sum().item() / len(y)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(model(x), y).item())
+    path = export_model(model, tmp_path / "m.pt")
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(UserError, match="model file .*nope.pt does not exist"):
+        load_model(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="model file .*bad.pt cannot be read"):
+        load_model(tmp_path / "bad.pt")
