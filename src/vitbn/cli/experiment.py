@@ -1,0 +1,148 @@
+"""``vitbn experiment lr-sweep`` (experiment 1) and ``vitbn experiment tune`` (experiment 2, Ax)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vitbn.config import DEVICES
+
+# flag -> (section, field, argparse keywords): shared settings written over the preset's ``run``.
+RUN_FLAGS: dict[str, tuple[str, str, dict]] = {
+    "--train-subset": ("data", "train_subset", dict(type=int, help="use the first N training images")),
+    "--test-subset": ("data", "test_subset", dict(type=int, help="use the first N test images")),
+    "--val-size": ("data", "val_size", dict(type=int, help="training images held out for validation")),
+    "--data-root": ("data", "root", dict(help="folder holding mnist/ (default $VITBN_DATA)")),
+    "--max-steps": ("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch (smoke runs)")),
+    "--device": ("train", "device", dict(choices=DEVICES)),
+    "--threads": ("train", "threads", dict(type=int, help="torch.set_num_threads")),
+    "--out-dir": ("train", "out_dir", dict(help="checkpoints go to OUT_DIR/<kind>-<preset>-<hash>/ (default runs)")),
+    "--tracking-uri": ("track", "tracking_uri", dict(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite)")),
+    "--experiment": ("track", "experiment", dict(help="MLflow experiment name (default vitbn)")),
+}
+TUNE_FLAGS: dict[str, tuple[str, str, dict]] = {
+    "--trials": ("hpo", "trials", dict(type=int, help="total trials per model (a larger number continues)")),
+    "--sobol-trials": ("hpo", "sobol_trials", dict(type=int, help="quasi-random trials before BoTorch")),
+    "--trial-epochs": ("hpo", "epochs", dict(type=int, help="epochs per trial")),
+    "--lr-min": ("hpo", "lr_min", dict(type=float, help="lower lr bound (default: the study's per model)")),
+    "--lr-max": ("hpo", "lr_max", dict(type=float, help="upper lr bound")),
+}
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """``["vit,vitbn", "vitbnffn"]`` -> ``["vit", "vitbn", "vitbnffn"]``."""
+    return [v for value in values for v in value.split(",") if v] if values else None
+
+
+def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
+    parser.add_argument("--preset", default=None, help="a preset name or a YAML file (see --list)")
+    parser.add_argument("--config", default=None, metavar="FILE", help="same as --preset FILE.yaml")
+    parser.add_argument("--models", nargs="+", help="keep these models: names (every depth) or labels (vitbn-d1)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (values, e.g. --seeds 0 1 2)")
+    for flag, (_, _, kwargs) in flags.items():
+        parser.add_argument(flag, default=None, **kwargs)
+    parser.add_argument("--report-dir", default=None, help="afterwards, build the report into this folder")
+    parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    parser.add_argument("--list", action="store_true", help="list the presets and exit")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("experiment", help="run an experiment: lr-sweep (study 1) or tune (study 2)")
+    sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
+    sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable)")
+    _common(sweep, RUN_FLAGS)
+    sweep.add_argument("--lr", nargs="+", type=float, help="a subset of the preset's learning rates")
+    sweep.add_argument("--epochs", type=int, help="epochs of every training run")
+    sweep.set_defaults(func=run_sweep, default_preset="study")
+    tune = sub.add_parser("tune", help="Ax/BoTorch tuning of lr and batch size per model, then the tuned models")
+    _common(tune, {**RUN_FLAGS, **TUNE_FLAGS})
+    tune.add_argument("--final-epochs", type=int, help="epochs of the tuned models' final training")
+    tune.add_argument("--no-final", action="store_true", help="only tune, do not train the tuned models")
+    tune.set_defaults(func=run_tune, default_preset="study-tune")
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("vitbn.experiments")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def preset_from_args(args: argparse.Namespace, flags: dict):
+    """The preset named by --preset/--config with the command-line overrides."""
+    from vitbn.errors import UserError
+    from vitbn.experiments.presets import load_preset, override_preset
+
+    if args.preset and args.config:
+        raise UserError("give --preset or --config, not both")
+    preset = load_preset(args.preset or args.config or args.default_preset)
+    run: dict[str, dict] = {}
+    for flag, (section, name, _) in flags.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            run.setdefault(section, {})[name] = value
+    preset = override_preset(
+        preset,
+        lrs=getattr(args, "lr", None),
+        models=_split(args.models),
+        seeds=args.seeds,
+        epochs=getattr(args, "epochs", None),
+        run=run,
+    )
+    if getattr(args, "final_epochs", None) is not None:
+        preset.final_epochs = args.final_epochs
+    return preset
+
+
+def _list_presets() -> int:
+    from vitbn.experiments.presets import PRESETS
+
+    for name, preset in sorted(PRESETS.items()):
+        models = ", ".join(m.label for m in preset.models)
+        print(f"{name:<11} {models}; lrs {preset.lrs}; seeds {preset.seeds}\n{'':<11} {preset.description}")
+    return 0
+
+
+def _report(args: argparse.Namespace, parent_id: str, preset) -> None:
+    if args.report_dir:
+        from vitbn.report import build_report
+
+        report = build_report(parent_id, args.report_dir, tracking_uri=preset.run.get("track", {}).get("tracking_uri"))
+        print(f"report: {report.markdown} and {report.html}")
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from vitbn.experiments.lr_sweep import run_lr_sweep
+
+    if args.list:
+        return _list_presets()
+    _setup_logging()
+    preset = preset_from_args(args, RUN_FLAGS)
+    result = run_lr_sweep(preset, progress=args.progress)
+    print(
+        f"lr-sweep {preset.name}: parent run {result.parent_id}; {result.count('new')} trained, "
+        f"{result.count('resume')} resumed, {result.count('done')} already done"
+    )
+    _report(args, result.parent_id, preset)
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from vitbn.experiments.hpo import run_tuning
+
+    if args.list:
+        return _list_presets()
+    _setup_logging()
+    flags = {**RUN_FLAGS, **TUNE_FLAGS}
+    preset = preset_from_args(args, flags)
+    result = run_tuning(preset, final=not args.no_final, progress=args.progress)
+    for label, (params, acc, index) in result.best.items():
+        print(
+            f"{label}: best lr={params['lr']:.4g} batch_size={params['batch_size']} val_acc={acc:.4f} (trial {index})"
+        )
+    print(f"tune {preset.name}: parent run {result.parent_id}")
+    _report(args, result.parent_id, preset)
+    return 0

@@ -1,0 +1,26 @@
+"""``vitbn report``: the report of an experiment, built from its tracked runs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="tables and figures of an experiment, from MLflow (md + html)")
+    parser.add_argument("run", metavar="RUN", help="the experiment's parent run id, or its preset / run name")
+    parser.add_argument("--out", default=None, help="output folder (default reports/<RUN>)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite)")
+    parser.add_argument("--experiment", default=None, help="look the name up in this MLflow experiment only")
+    parser.add_argument("--no-log", action="store_true", help="do not log the files as artifacts of the parent run")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitbn.report import build_report
+
+    out = args.out or f"reports/{args.run}"
+    report = build_report(
+        args.run, out, tracking_uri=args.tracking_uri, experiment=args.experiment, log_artifacts=not args.no_log
+    )
+    print(f"report of parent run {report.parent_id}: {report.markdown}, {report.html}, {len(report.figures)} figure(s)")
+    return 0

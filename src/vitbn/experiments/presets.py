@@ -1,0 +1,294 @@
+"""Experiment recipes: which models (at which depth), learning rates, seeds and shared run settings.
+
+A preset is plain data; ``configs/<name>.yaml`` holds the same recipe in the format ``load_preset`` reads, so a
+recipe can be copied and edited without touching the code.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitbn.config import RunConfig, load_yaml, save_yaml, to_dict
+from vitbn.errors import UserError
+from vitbn.models import list_models
+
+# The article's training recipe (experiment 1): Adam, cross-entropy, batch 100, test batch 5000, constant lr,
+# no dropout, no augmentation, the test set evaluated after every epoch.
+STUDY_RUN: dict[str, Any] = {
+    "model": {"dropout": 0.0, "emb_dropout": 0.0},
+    "data": {"dataset": "mnist", "val_size": 0, "test_every_epoch": True},
+    "train": {
+        "epochs": 30,
+        "batch_size": 100,
+        "eval_batch_size": 5000,
+        "optimizer": "adam",
+        "schedule": "constant",
+        "weight_decay": 0.0,
+        "label_smoothing": 0.0,
+        "precision": "fp32",
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a comparison: a registered preset at a depth, with optional extra ModelConfig fields."""
+
+    name: str
+    depth: int
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """``"vitbn-d1"``: the name used in run names, tags and reports."""
+        return f"{self.name}-d{self.depth}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "depth": self.depth,
+            **({"overrides": dict(self.overrides)} if self.overrides else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        unknown = sorted(set(data) - {"name", "depth", "overrides"})
+        if unknown:
+            raise UserError(f"unknown model entry key(s) {unknown}; allowed: name, depth, overrides")
+        if data.get("name") not in list_models():
+            raise UserError(f"model {data.get('name')!r} is not one of {', '.join(list_models())}")
+        depth = data.get("depth")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth <= 0:
+            raise UserError(f"model {data['name']!r}: depth={depth!r} must be a positive integer")
+        return cls(name=data["name"], depth=depth, overrides=dict(data.get("overrides") or {}))
+
+
+@dataclass
+class ExperimentPreset:
+    """A recipe for ``vitbn experiment lr-sweep`` (models x lrs x seeds) and ``vitbn experiment tune``.
+
+    Attributes:
+        name: the parent MLflow run's name and the ``vitbn.preset`` tag.
+        description: one line shown in reports.
+        models: the models compared.
+        lrs: learning rates of the sweep (empty in tuning presets: the tuning searches its own).
+        seeds: training seeds; every (model, lr) is trained once per seed.
+        run: RunConfig sections shared by every run; ``model`` holds fields applied to every model.
+        final_epochs: tuning only: epochs of the tuned models' final training (None: ``run.train.epochs``).
+    """
+
+    name: str
+    description: str
+    models: list[ModelSpec]
+    lrs: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    run: dict[str, Any] = field(default_factory=dict)
+    final_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise UserError(f"preset {self.name!r} has no models")
+        if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0 for lr in self.lrs):
+            raise UserError(f"preset {self.name!r}: lrs={self.lrs!r} must be a list of positive numbers")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise UserError(f"preset {self.name!r}: seeds={self.seeds!r} must be a non-empty list of integers >= 0")
+        if self.final_epochs is not None and (not isinstance(self.final_epochs, int) or self.final_epochs <= 0):
+            raise UserError(f"preset {self.name!r}: final_epochs={self.final_epochs!r} must be a positive integer")
+        self.lrs = [float(lr) for lr in self.lrs]
+        self.base_config(self.models[0])  # validates the shared sections now, with a one-line error
+
+    def base_config(self, spec: ModelSpec, lr: float | None = None, seed: int | None = None) -> RunConfig:
+        """The RunConfig of one run: the shared sections, the model preset at its depth, the lr and seed."""
+        data = copy.deepcopy(self.run)
+        data["model"] = {**(data.get("model") or {}), **spec.overrides, "name": spec.name, "depth": spec.depth}
+        train = data.setdefault("train", {})
+        if lr is not None:
+            train["lr"] = float(lr)
+        if seed is not None:
+            train["seed"] = int(seed)
+        try:
+            return RunConfig.from_dict(data)
+        except ValueError as exc:
+            raise UserError(f"preset {self.name!r}: {exc}") from None
+
+    def shared_hash(self) -> str:
+        """A short hash of the shared settings (without the lrs, seeds, models, tracking, output folder, number
+        of trials and final epochs): runs of presets with the same hash are comparable, so a re-run (or a subset of
+        lrs, seeds or models, or more trials) joins the same parent."""
+        run = {k: dict(v) for k, v in self.run.items() if k != "track"}  # where runs are logged: not what they are
+        run.get("train", {}).pop("out_dir", None)
+        run.get("hpo", {}).pop("trials", None)  # a budget: a larger one continues the same tuning
+        return hashlib.sha1(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "description": self.description,
+            "models": [m.to_dict() for m in self.models],
+            "lrs": list(self.lrs),
+            "seeds": list(self.seeds),
+            "run": copy.deepcopy(self.run),
+        }
+        if self.final_epochs is not None:
+            out["final_epochs"] = self.final_epochs
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentPreset:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise UserError(f"unknown preset key(s) {unknown}; allowed: {', '.join(names)}")
+        missing = [k for k in ("name", "models") if k not in data]
+        if missing:
+            raise UserError(f"preset is missing key(s) {missing}")
+        return cls(
+            **{
+                **data,
+                "models": [ModelSpec.from_dict(m) for m in data["models"]],
+                "description": data.get("description", ""),
+            }
+        )
+
+
+def _with(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with some sections updated (a deep copy)."""
+    out = copy.deepcopy(base)
+    for key, value in sections.items():
+        out[key] = {**out.get(key, {}), **value}
+    return out
+
+
+def _models(*pairs: tuple[str, int]) -> list[ModelSpec]:
+    return [ModelSpec(name, depth) for name, depth in pairs]
+
+
+_STUDY_MODELS = _models(("vit", 6), ("vitbnffn", 1), ("vitbn", 1))
+_FAIR_MODELS = _models(("vit", 1), ("vitbnffn", 1), ("vitbn", 1), ("vit", 6), ("vitbnffn", 6), ("vitbn", 6))
+_FAIR_RUN = _with(STUDY_RUN, data={"val_size": 10000, "test_every_epoch": False})
+# 5000 training and 5000 test images, 3 epochs (epoch 1 is left out of the time medians as warm-up): about 5 to 8
+# minutes for the 8 runs on 2 CPU cores, most of it in the depth-6 ViT.
+_QUICK_RUN = _with(STUDY_RUN, data={"train_subset": 5000, "test_subset": 5000}, train={"epochs": 3})
+
+PRESETS: dict[str, ExperimentPreset] = {
+    p.name: p
+    for p in (
+        ExperimentPreset(
+            name="study",
+            description="The article's experiment 1 as published: ViT at depth 6 against the BN models at depth 1 "
+            "(what its code ran), 30 epochs, test set after every epoch.",
+            models=_STUDY_MODELS,
+            lrs=[0.0005, 0.005, 0.01],
+            seeds=[0],
+            run=STUDY_RUN,
+        ),
+        ExperimentPreset(
+            name="fair",
+            description="The three models at equal depth (1 and 6), 30 epochs, selection on a 10000-image "
+            "validation split, the test set once at the end, 2 seeds.",
+            models=_FAIR_MODELS,
+            lrs=[0.0005, 0.005, 0.01],
+            seeds=[0, 1],
+            run=_FAIR_RUN,
+        ),
+        ExperimentPreset(
+            name="quick",
+            description="A few minutes on a laptop CPU: the three models at depth 1 and the study's depth-6 ViT, "
+            "5000 training and 5000 test images, 3 epochs, 2 learning rates.",
+            models=_models(("vit", 1), ("vitbnffn", 1), ("vitbn", 1), ("vit", 6)),
+            lrs=[0.0005, 0.005],
+            seeds=[0],
+            run=_QUICK_RUN,
+        ),
+        ExperimentPreset(
+            name="study-tune",
+            description="The article's experiment 2: Bayesian optimization of lr and batch size (20 trials, 3 "
+            "epochs each, validation split of 10000), then 30 epochs of each tuned model.",
+            models=_STUDY_MODELS,
+            seeds=[0],
+            final_epochs=30,
+            run=_with(STUDY_RUN, data={"val_size": 10000}, hpo={"trials": 20, "sobol_trials": 5, "epochs": 3}),
+        ),
+        ExperimentPreset(
+            name="quick-tune",
+            description="A short tuning: depth-1 models, 5000 training images (2000 of them for validation), 8 "
+            "trials of 1 epoch, then 3 epochs.",
+            models=_models(("vit", 1), ("vitbnffn", 1), ("vitbn", 1)),
+            seeds=[0],
+            final_epochs=3,
+            run=_with(_QUICK_RUN, data={"val_size": 2000}, hpo={"trials": 8, "sobol_trials": 4, "epochs": 1}),
+        ),
+    )
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def load_preset(name_or_path: str | Path) -> ExperimentPreset:
+    """A preset by name (``"study"``) or from a YAML file (``configs/fair.yaml``)."""
+    key = str(name_or_path)
+    if key in PRESETS:
+        return copy.deepcopy(PRESETS[key])
+    path = Path(key)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            return ExperimentPreset.from_dict(load_yaml(path))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    raise UserError(f"preset {key!r} is not one of {', '.join(list_presets())} nor a YAML file")
+
+
+def write_preset_yaml(preset: ExperimentPreset, path: str | Path) -> None:
+    save_yaml(preset.to_dict(), path)
+
+
+def override_preset(
+    preset: ExperimentPreset,
+    *,
+    lrs: list[float] | None = None,
+    models: list[str] | None = None,
+    seeds: list[int] | None = None,
+    epochs: int | None = None,
+    run: dict[str, dict[str, Any]] | None = None,
+) -> ExperimentPreset:
+    """A copy with CLI overrides. ``lrs`` must be a subset of the preset's (the sweep is defined by it); ``models``
+    selects by name (every depth) or label (``vitbn-d1``); ``run`` updates the shared sections."""
+    out = copy.deepcopy(preset)
+    if lrs:
+        extra = [lr for lr in lrs if not any(abs(lr - p) <= 1e-12 * p for p in preset.lrs)]
+        if extra:
+            raise UserError(f"--lr {extra} not in preset {preset.name!r} lrs {preset.lrs} (use a YAML preset)")
+        out.lrs = [float(lr) for lr in lrs]
+    if models:
+        known = {m.name for m in preset.models} | {m.label for m in preset.models}
+        bad = sorted(set(models) - known)
+        if bad:
+            raise UserError(f"--models {bad} not in preset {preset.name!r}: {', '.join(sorted(known))}")
+        out.models = [m for m in preset.models if m.name in models or m.label in models]
+    if seeds:
+        out.seeds = list(seeds)
+    sections = copy.deepcopy(run or {})
+    if epochs is not None:
+        sections.setdefault("train", {})["epochs"] = epochs
+    for key, value in sections.items():
+        out.run[key] = {**out.run.get(key, {}), **value}
+    return ExperimentPreset.from_dict(out.to_dict())
+
+
+def describe_overrides(preset: ExperimentPreset, reference: ExperimentPreset) -> str:
+    """``"epochs=1, train_subset=500"``: the shared settings that differ from the named preset (for run names)."""
+    a, b = to_dict(preset.base_config(preset.models[0])), to_dict(reference.base_config(preset.models[0]))
+    diffs = []
+    for section in ("data", "train", "hpo"):
+        for key, value in a[section].items():
+            if b[section].get(key) != value and key not in ("lr", "seed", "out_dir", "trials"):
+                diffs.append(f"{key}={value}")
+    return ", ".join(diffs)

@@ -1,0 +1,107 @@
+"""Pure figure functions: DataFrames in, matplotlib Figures out (Agg backend, nothing shown or saved here)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first: reports are built headless)
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# The four per-epoch panels of the study's figures: (column, y label).
+EPOCH_PANELS = (
+    ("train_s", "train seconds per epoch"),
+    ("test_s", "test seconds per epoch"),
+    ("train_loss", "training loss"),
+    ("acc", "test accuracy"),
+)
+
+
+def _labels_in_order(frame: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(frame["label"]))
+
+
+def epoch_panels(curves: pd.DataFrame, title: str, *, ylabels: dict[str, str] | None = None) -> Figure:
+    """The 2 x 2 figure: train and test seconds per epoch, training loss and accuracy against the epoch.
+
+    Args:
+        curves: one row per (label, epoch) with columns ``label``, ``epoch`` and ``train_s``, ``test_s``,
+            ``train_loss``, ``acc`` (already averaged over seeds); a missing or all-NaN column leaves its panel
+            with a note.
+        title: the figure title (e.g. the learning rate).
+        ylabels: replaces panel labels by column (e.g. ``{"acc": "validation accuracy"}``).
+
+    Returns:
+        The figure, one line per label.
+    """
+    names = {**dict(EPOCH_PANELS), **(ylabels or {})}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for ax, (column, _) in zip(axes.flat, EPOCH_PANELS):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(names[column])
+        ax.grid(alpha=0.3)
+        if column not in curves or curves[column].isna().all():
+            ax.text(0.5, 0.5, "not recorded per epoch", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for label in _labels_in_order(curves):
+            part = curves[curves["label"] == label].sort_values("epoch")
+            ax.plot(part["epoch"], part[column], marker="o", markersize=3, label=label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def time_vs_lr(points: pd.DataFrame, *, column: str = "train_s", ylabel: str = "train seconds per epoch") -> Figure:
+    """Seconds per epoch against the learning rate, one line per label.
+
+    Args:
+        points: one row per (label, lr) with columns ``label``, ``lr`` and ``column``.
+        column: the column plotted.
+        ylabel: the y axis label.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label in _labels_in_order(points):
+        part = points[points["label"] == label].sort_values("lr")
+        ax.plot(part["lr"], part[column], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def best_so_far(trials: pd.DataFrame) -> Figure:
+    """Tuning progress: the best validation accuracy so far against the trial, one line per label.
+
+    Args:
+        trials: one row per trial with columns ``label``, ``trial`` (0-based index) and ``acc`` (NaN for a
+            failed trial, which keeps the best so far unchanged).
+    """
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label in _labels_in_order(trials):
+        part = trials[trials["label"] == label].sort_values("trial")
+        best = part["acc"].cummax().ffill()  # a failed trial (NaN) keeps the best so far
+        (line,) = ax.step(part["trial"], best, where="post", label=label)
+        ax.scatter(part["trial"], part["acc"], s=12, alpha=0.5, color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def to_png(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes; the figure is closed (figures are not kept alive by pyplot)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()

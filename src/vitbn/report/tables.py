@@ -1,0 +1,250 @@
+"""Run tables -> the comparison table, the study's ratios and the plain-language FLOPs sentences.
+
+Inputs are two DataFrames built from tracked runs (``vitbn.report.runs``) or by hand in tests:
+
+- ``runs``: one row per run: ``run_id``, ``setting`` (what the rows compared side by side share, e.g.
+  ``"lr=0.0005"`` or ``"tuned"``), ``model`` (registered name), ``depth``, ``label``, ``seed``, ``final_acc``,
+  ``params``, ``flops`` (forward FLOPs per image).
+- ``history``: one row per (run, epoch): ``run_id``, ``epoch`` (from 1), ``train_s``, ``test_s`` (seconds per
+  epoch), ``train_loss``, ``acc`` (the per-epoch accuracy: test, or validation when the test set is kept for the end).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+DISPLAY = {"vit": "ViT", "vitbnffn": "ViTBNFFN", "vitbn": "ViTBN"}
+THRESHOLDS = (0.97, 0.98)
+REFERENCE_MODEL = "vit"
+
+
+def display_name(model: str, depth: int) -> str:
+    """``"ViTBN (depth 1)"``."""
+    return f"{DISPLAY.get(model, model)} (depth {depth})"
+
+
+def per_epoch_median(values: pd.Series, epochs: pd.Series) -> float:
+    """Median seconds per epoch, leaving out epoch 1 (warm-up: allocations, first-call overheads) when the run has
+    more than 2 epochs."""
+    keep = epochs > 1 if len(epochs) > 2 else epochs >= 1
+    return float(values[keep].median())
+
+
+def time_to_reach(history: pd.DataFrame, threshold: float) -> float:
+    """Cumulative train seconds at the end of the first epoch whose accuracy reaches ``threshold`` (NaN if none)."""
+    h = history.sort_values("epoch")
+    reached = np.flatnonzero(h["acc"].to_numpy() >= threshold)
+    return float(h["train_s"].cumsum().iloc[reached[0]]) if len(reached) else math.nan
+
+
+def run_stats(history: pd.DataFrame) -> pd.DataFrame:
+    """Per run: ``t_train``, ``t_test`` (median seconds per epoch), ``epochs`` and the time to each threshold."""
+    rows = []
+    for run_id, h in history.groupby("run_id", sort=False):
+        row = {"run_id": run_id, "epochs": int(h["epoch"].max()), "t_train": per_epoch_median(h["train_s"], h["epoch"])}
+        test = h.dropna(subset=["test_s"])
+        row["t_test"] = per_epoch_median(test["test_s"], test["epoch"]) if len(test) else math.nan
+        for thr in THRESHOLDS:
+            row[f"t{round(thr * 100)}"] = time_to_reach(h.dropna(subset=["acc"]), thr)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["run_id", "epochs", "t_train", "t_test", *_time_cols()])
+
+
+def _time_cols() -> list[str]:
+    return [f"t{round(thr * 100)}" for thr in THRESHOLDS]
+
+
+def _aggregate(group: pd.DataFrame) -> dict:
+    acc = group["final_acc"].dropna()
+    out = {
+        "seeds": len(group),
+        "acc_mean": acc.mean(),
+        "acc_std": acc.std(ddof=0) if len(acc) else math.nan,
+        "acc_min": acc.min(),
+        "acc_max": acc.max(),
+        "params": group["params"].iloc[0],
+        "flops": group["flops"].iloc[0],
+        "t_train": group["t_train"].mean(),
+        "t_test": group["t_test"].mean(),
+    }
+    for col in _time_cols():
+        out[col] = group[col].mean()  # over the seeds that reached the threshold
+        out[f"{col}_n"] = int(group[col].notna().sum())
+    return out
+
+
+def reference_row(rows: pd.DataFrame, depth: int) -> pd.Series | None:
+    """The ViT a model is compared with: same depth when there is one, else the deepest ViT."""
+    vits = rows[rows["model"] == REFERENCE_MODEL]
+    if vits.empty:
+        return None
+    same = vits[vits["depth"] == depth]
+    return same.iloc[0] if len(same) else vits.sort_values("depth").iloc[-1]
+
+
+def add_ratios(row: dict, ref: pd.Series | None) -> dict:
+    """The study's ratios against ``ref``: r_t = T(ViT, train) / T(model, train), r_v (test), the gains
+    g = (1 - 1/r) x 100% and the FLOPs ratio FLOPs(ViT) / FLOPs(model)."""
+    row = dict(row)
+    if ref is None:
+        return {
+            **row,
+            "ref": "",
+            "r_t": math.nan,
+            "g_t": math.nan,
+            "r_v": math.nan,
+            "g_v": math.nan,
+            "flops_ratio": math.nan,
+        }
+    row["ref"] = display_name(ref["model"], int(ref["depth"]))
+    row["r_t"] = ref["t_train"] / row["t_train"]
+    row["r_v"] = ref["t_test"] / row["t_test"]
+    row["g_t"] = (1 - 1 / row["r_t"]) * 100
+    row["g_v"] = (1 - 1 / row["r_v"]) * 100
+    row["flops_ratio"] = ref["flops"] / row["flops"]
+    return row
+
+
+def summary_table(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setting, model, depth): accuracy over seeds, size, times per epoch, ratios to the reference ViT
+    (``reference_row``) and the time to reach each accuracy threshold."""
+    merged = runs.merge(run_stats(history), on="run_id", how="left")
+    rows = []
+    for (setting, model, depth), group in merged.groupby(["setting", "model", "depth"], sort=False):
+        rows.append(
+            {
+                "setting": setting,
+                "model": model,
+                "depth": int(depth),
+                "label": group["label"].iloc[0],
+                **_aggregate(group),
+            }
+        )
+    table = pd.DataFrame(rows)
+    out = []
+    for _, rows_of_setting in table.groupby("setting", sort=False):
+        for _, row in rows_of_setting.iterrows():
+            out.append(add_ratios(row.to_dict(), reference_row(rows_of_setting, int(row["depth"]))))
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+def _times(x: float) -> str:
+    return f"{x:.1f}x" if x < 9.95 else f"{x:.0f}x"
+
+
+def flops_sentence(row: pd.Series | dict, ref: pd.Series | dict) -> str:
+    """How much of the train time ratio r between ``row`` and ``ref`` the FLOPs ratio f explains: the share
+    log(f) / log(r) (so 2x fewer FLOPs explain half of a 4x speed-up)."""
+    r = ref["t_train"] / row["t_train"]
+    f = ref["flops"] / row["flops"]
+    who, than = display_name(row["model"], int(row["depth"])), display_name(ref["model"], int(ref["depth"]))
+    work = f"{_times(f)} fewer" if f >= 1 else f"{_times(1 / f)} more"
+    if abs(math.log(r)) < 0.02:  # within 2%
+        return f"{who} trains as fast per epoch as {than} although it does {work} FLOPs per image."
+    speed = f"{_times(r)} faster" if r > 1 else f"{_times(1 / r)} slower"
+    head = f"{who} trains {speed} per epoch than {than}; it does {work} FLOPs per image"
+    share = math.log(f) / math.log(r)
+    if share >= 0.95:
+        return f"{head}, which accounts for the whole ratio."
+    if share < 0:
+        return f"{head}, so FLOPs do not explain the difference."
+    if share <= 0.05:
+        return f"{head}, which accounts for almost none of the ratio."
+    rest = r / f
+    return (
+        f"{head}, which accounts for about {share:.0%} of the ratio (log scale); the remaining "
+        f"{_times(rest if rest >= 1 else 1 / rest)} is not explained by FLOPs."
+    )
+
+
+def comparison_sentences(table: pd.DataFrame, *, flops_tolerance: float = 0.05) -> list[str]:
+    """A sentence for every model compared with a ViT of another depth or of other FLOPs per image, in the same
+    setting (each ViT present is a reference, so a table with ViTs at depth 1 and 6 also gets the study's
+    depth-1 BN against depth-6 ViT comparison)."""
+    out = []
+    for setting, rows in table.groupby("setting", sort=False):
+        vits = rows[rows["model"] == REFERENCE_MODEL]
+        for _, row in rows.iterrows():
+            for _, ref in vits.iterrows():
+                if ref["label"] == row["label"]:
+                    continue
+                if row["model"] == REFERENCE_MODEL:
+                    wanted = ref["depth"] > row["depth"]  # the depth effect, once per pair of ViTs
+                else:
+                    flops_differ = abs(math.log(ref["flops"] / row["flops"])) > flops_tolerance
+                    wanted = ref["depth"] != row["depth"] or flops_differ
+                if wanted:
+                    out.append(f"[{setting}] {flops_sentence(row, ref)}")
+    return list(dict.fromkeys(out))
+
+
+COLUMNS = (
+    ("setting", "setting"),
+    ("model", "model"),
+    ("depth", "depth"),
+    ("seeds", "seeds"),
+    ("acc", "final acc"),
+    ("params", "params"),
+    ("mflops", "MFLOPs/img"),
+    ("t_train", "T(train) s/epoch"),
+    ("t_test", "T(test) s/epoch"),
+    ("ref", "vs"),
+    ("r_t", "r_t"),
+    ("g_t", "g_t"),
+    ("r_v", "r_v"),
+    ("g_v", "g_v"),
+    ("flops_ratio", "FLOPs ratio"),
+    ("t97", "time to 97%"),
+    ("t98", "time to 98%"),
+)
+
+
+def _num(x: float, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _reach(row: dict, col: str) -> str:
+    n, seeds = row[f"{col}_n"], row["seeds"]
+    if n == 0:
+        return "not reached"
+    return f"{row[col]:.1f} s" + ("" if n == seeds else f" ({n}/{seeds} seeds)")
+
+
+def format_cells(table: pd.DataFrame) -> list[list[str]]:
+    """The table as display strings, in ``COLUMNS`` order (accuracy as mean ± std [min-max] in percent)."""
+    cells = []
+    for row in table.to_dict("records"):
+        acc = f"{row['acc_mean'] * 100:.2f}%"
+        if row["seeds"] > 1:
+            acc += f" ± {row['acc_std'] * 100:.2f} [{row['acc_min'] * 100:.2f}-{row['acc_max'] * 100:.2f}]"
+        values = {
+            "setting": str(row["setting"]),
+            "model": DISPLAY.get(row["model"], row["model"]),
+            "depth": str(row["depth"]),
+            "seeds": str(row["seeds"]),
+            "acc": acc,
+            "params": f"{int(row['params']):,}",
+            "mflops": _num(row["flops"] / 1e6, ".2f"),
+            "t_train": _num(row["t_train"], ".3f"),
+            "t_test": _num(row["t_test"], ".3f"),
+            "ref": row["ref"] or "-",
+            "r_t": _num(row["r_t"], ".2f"),
+            "g_t": _num(row["g_t"], ".1f") + ("%" if not math.isnan(row["g_t"]) else ""),
+            "r_v": _num(row["r_v"], ".2f"),
+            "g_v": _num(row["g_v"], ".1f") + ("%" if not math.isnan(row["g_v"]) else ""),
+            "flops_ratio": _num(row["flops_ratio"], ".2f"),
+            "t97": _reach(row, "t97"),
+            "t98": _reach(row, "t98"),
+        }
+        cells.append([values[key] for key, _ in COLUMNS])
+    return cells
+
+
+def markdown_table(header: list[str], cells: list[list[str]]) -> str:
+    """A GitHub Markdown table (``|`` in cells escaped)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    return "\n".join(lines)

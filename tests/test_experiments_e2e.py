@@ -1,0 +1,117 @@
+"""End to end on real MNIST subsets: a tiny lr-sweep and a tiny tuning in a temporary SQLite MLflow store, their
+resume behaviour, and the report built from the tracked runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vitbn.cli import main
+from vitbn.experiments.hpo import run_tuning
+from vitbn.experiments.lr_sweep import run_lr_sweep
+from vitbn.experiments.presets import ExperimentPreset, ModelSpec, write_preset_yaml
+from vitbn.experiments.runs import child_runs, mlflow_client
+from vitbn.report import build_report
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+DIVERGING_LR = 1e30  # Adam steps of this size overflow the weights at once: a non-finite loss
+
+
+def tiny_preset(tmp_path, name: str, models: list[ModelSpec], **run) -> ExperimentPreset:
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    # The experiment is made here so that its artifacts go to tmp_path (MLflow's default is ./mlruns in the cwd).
+    mlflow_client(uri).create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+    base = {
+        "data": {"train_subset": 300, "test_subset": 200},
+        "train": {"epochs": 3, "batch_size": 50, "eval_batch_size": 200, "max_steps_per_epoch": 3, "device": "cpu",
+                  "out_dir": str(tmp_path / "runs")},
+        "track": {"tracking_uri": uri, "experiment": "test"},
+    }  # fmt: skip
+    for section, values in run.items():
+        base[section] = {**base.get(section, {}), **values}
+    return ExperimentPreset(name=name, description="tiny", models=models, lrs=[1e-3, DIVERGING_LR], seeds=[0], run=base)
+
+
+def children(client, parent_id: str) -> list:
+    return child_runs(client, parent_id, client.get_run(parent_id).info.experiment_id)
+
+
+def test_lr_sweep_runs_resumes_and_reports(tmp_path, tiny_overrides):
+    tiny = {k: v for k, v in tiny_overrides.items() if k != "depth"}
+    models = [ModelSpec("vit", 2, tiny), ModelSpec("vitbnffn", 1, tiny), ModelSpec("vitbn", 1, tiny)]
+    preset = tiny_preset(tmp_path, "tiny", models)
+    result = run_lr_sweep(preset, progress="none")
+    assert [r.action for r in result.results] == ["new"] * 6
+    assert [r.status for r in result.results] == ["finished", "diverged"] * 3
+
+    client = mlflow_client(preset.run["track"]["tracking_uri"])
+    parent = client.get_run(result.parent_id)
+    assert (parent.info.run_name, parent.info.status) == ("tiny", "FINISHED")
+    assert parent.data.tags["vitbn.kind"] == "lr-sweep" and parent.data.tags["vitbn.preset"] == "tiny"
+    runs = children(client, result.parent_id)
+    assert len(runs) == 6
+    by_key = {(r.data.tags["vitbn.label"], float(r.data.tags["vitbn.lr"])): r for r in runs}
+    ok, bad = by_key[("vitbn-d1", 1e-3)], by_key[("vitbn-d1", DIVERGING_LR)]
+    assert (ok.info.status, ok.data.tags["vitbn.status"]) == ("FINISHED", "finished")
+    assert (bad.info.status, bad.data.tags["vitbn.status"]) == ("FAILED", "diverged")
+    assert ok.data.params["model.depth"] == "1" and ok.data.params["model.dim"] == "16"
+    assert ok.data.params["train.lr"] == "0.001" and ok.data.tags["vitbn.model"] == "vitbn"
+    assert [m.step for m in client.get_metric_history(ok.info.run_id, "test/acc")] == [1, 2, 3]
+
+    # A child interrupted after its last checkpoint is resumed (same run), the others are not repeated.
+    client.set_terminated(ok.info.run_id, "KILLED")
+    again = run_lr_sweep(preset, progress="none")
+    assert sorted(r.action for r in again.results) == ["done"] * 5 + ["resume"]
+    assert again.parent_id == result.parent_id
+    assert client.get_run(ok.info.run_id).info.status == "FINISHED"
+
+    # The same command from the CLI: a re-run finds the parent, trains nothing, and builds the report.
+    yaml_path = tmp_path / "tiny.yaml"
+    write_preset_yaml(preset, yaml_path)
+    assert main(["experiment", "lr-sweep", "--config", str(yaml_path), "--progress", "none",
+                 "--report-dir", str(tmp_path / "report")]) == 0  # fmt: skip
+    assert sorted(r.info.run_id for r in children(client, result.parent_id)) == sorted(r.info.run_id for r in runs)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| setting | model | depth | seeds | final acc |" in md and "| r_t | g_t | r_v | g_v | FLOPs ratio |" in md
+    assert "ViTBN (depth 1) trains" in md  # depth-1 BN against the depth-2 ViT
+    assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == 3
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["epochs_lr0.001.png", "epochs_lr1e30.png", "time_vs_lr.png"]
+    logged = {a.path for a in client.list_artifacts(result.parent_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/time_vs_lr.png"} <= logged
+
+
+def test_tuning_interrupted_then_resumed(tmp_path, tiny_overrides):
+    tiny = {k: v for k, v in tiny_overrides.items() if k != "depth"}
+    preset = tiny_preset(tmp_path, "tiny-tune", [ModelSpec("vitbn", 1, tiny)],
+                         data={"val_size": 100}, hpo={"trials": 3, "sobol_trials": 2, "epochs": 1})  # fmt: skip
+    preset.final_epochs = 2
+    first = run_tuning(preset, trials=2, final=False, progress="none")  # stops after 2 trials
+    client = mlflow_client(preset.run["track"]["tracking_uri"])
+    assert len(children(client, first.parent_id)) == 2
+
+    second = run_tuning(preset, progress="none")  # hpo.trials = 3: one more trial, then the final run
+    assert second.parent_id == first.parent_id
+    runs = children(client, first.parent_id)
+    trials = sorted(int(r.data.tags["vitbn.trial"]) for r in runs if r.data.tags["vitbn.phase"] == "trial")
+    assert trials == [0, 1, 2]
+    state = json.loads((tmp_path / "runs" / f"tune-tiny-tune-{preset.shared_hash()}" / "ax_vitbn-d1.json").read_text())
+    ax_trials = state["experiment"]["trials"]
+    assert len(ax_trials) == 3
+    assert ax_trials["2"]["generator_run"]["generation_node_name"] == "MBM"
+    assert ax_trials["2"]["generator_run"]["generator_key"] == "BoTorch"
+    (final,) = [r for r in runs if r.data.tags["vitbn.phase"] == "final"]
+    best_params, best_acc, best_trial = second.best["vitbn-d1"]
+    assert float(final.data.tags["vitbn.lr"]) == best_params["lr"]
+    assert final.data.params["train.batch_size"] == str(best_params["batch_size"])
+    assert final.data.params["train.epochs"] == "2"
+    trial_runs = {int(r.data.tags["vitbn.trial"]): r for r in runs if r.data.tags["vitbn.phase"] == "trial"}
+    assert best_acc == max(r.data.metrics["val/acc"] for r in trial_runs.values())
+    assert trial_runs[best_trial].data.metrics["val/acc"] == best_acc
+    assert {a.path for a in client.list_artifacts(first.parent_id, "ax")} == {"ax/ax_vitbn-d1.json"}
+
+    report = build_report("tiny-tune", tmp_path / "report", tracking_uri=preset.run["track"]["tracking_uri"])
+    md = report.markdown.read_text()
+    assert "## Tuning" in md and "| vitbn-d1 | 3 | 0 |" in md
+    assert sorted(p.name for p in report.figures) == ["epochs_tuned2epochs.png", "tuning.png"]

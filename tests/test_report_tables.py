@@ -1,0 +1,165 @@
+"""The report's numbers against hand computations on a synthetic run set, and its files."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from vitbn.report import plots
+from vitbn.report.build import report_blocks, to_markdown, write_report
+from vitbn.report.runs import RunSet, model_config_from_params, model_size
+from vitbn.report.tables import (
+    comparison_sentences,
+    flops_sentence,
+    format_cells,
+    per_epoch_median,
+    summary_table,
+    time_to_reach,
+)
+
+# Per run: (model, depth, seed, flops, train seconds, test seconds, accuracy) for epochs 1..4.
+RUNS = {
+    "a0": ("vit", 6, 0, 6e6, [9, 2.0, 2.0, 2.2], [1, 1, 1, 1], [0.9, 0.965, 0.975, 0.985]),
+    "a1": ("vit", 6, 1, 6e6, [9, 2.2, 2.0, 2.2], [1, 1, 1, 1], [0.9, 0.95, 0.96, 0.971]),
+    "b0": ("vitbn", 1, 0, 1e6, [3, 0.5, 0.5, 0.5], [0.4, 0.25, 0.25, 0.25], [0.5] * 4),
+    "b1": ("vitbn", 1, 1, 1e6, [3, 0.7, 0.7, 0.7], [0.4, 0.25, 0.25, 0.25], [0.5] * 4),
+}
+
+
+def synthetic() -> RunSet:
+    runs, history = [], []
+    for run_id, (model, depth, seed, flops, train_s, test_s, acc) in RUNS.items():
+        runs.append(
+            {
+                "run_id": run_id,
+                "setting": "lr=0.001",
+                "phase": "sweep",
+                "lr": 1e-3,
+                "model": model,
+                "depth": depth,
+                "label": f"{model}-d{depth}",
+                "seed": seed,
+                "final_acc": acc[-1],
+                "params": 1000 * depth,
+                "flops": flops,
+            }
+        )
+        for epoch in range(4):
+            history.append(
+                {
+                    "run_id": run_id,
+                    "epoch": epoch + 1,
+                    "train_s": train_s[epoch],
+                    "test_s": test_s[epoch],
+                    "train_loss": 1.0 / (epoch + 1),
+                    "acc": acc[epoch],
+                }
+            )
+    trials = pd.DataFrame(
+        {
+            "label": ["vit-d6"] * 3,
+            "trial": [0, 1, 2],
+            "acc": [0.9, math.nan, 0.95],
+            "lr": [1e-4, 1e-2, 3e-4],
+            "batch_size": [50, 20, 90],
+            "status": ["finished", "diverged", "finished"],
+        }
+    )
+    return RunSet(pd.DataFrame(runs), pd.DataFrame(history), trials)
+
+
+def test_per_epoch_median_leaves_out_warmup_only_beyond_two_epochs():
+    assert per_epoch_median(pd.Series([9.0, 2.0, 4.0]), pd.Series([1, 2, 3])) == 3.0
+    assert per_epoch_median(pd.Series([9.0, 2.0]), pd.Series([1, 2])) == 5.5
+
+
+def test_time_to_reach_is_cumulative_train_time_at_first_epoch_reaching():
+    h = pd.DataFrame({"epoch": [2, 1, 3], "train_s": [2.0, 9.0, 2.0], "acc": [0.975, 0.9, 0.99]})
+    assert time_to_reach(h, 0.97) == 11.0
+    assert time_to_reach(h, 0.98) == 13.0
+    assert math.isnan(time_to_reach(h, 0.995))
+
+
+def test_summary_table_against_hand_computation():
+    table = summary_table(synthetic().runs, synthetic().history).set_index("label")
+    vit, bn = table.loc["vit-d6"], table.loc["vitbn-d1"]
+    assert vit["t_train"] == pytest.approx((2.0 + 2.2) / 2)  # medians of epochs 2-4, mean over seeds
+    assert bn["t_train"] == pytest.approx((0.5 + 0.7) / 2)
+    assert bn["t_test"] == pytest.approx(0.25)
+    assert bn["ref"] == "ViT (depth 6)"
+    assert bn["r_t"] == pytest.approx(2.1 / 0.6)
+    assert bn["g_t"] == pytest.approx((1 - 0.6 / 2.1) * 100)
+    assert bn["r_v"] == pytest.approx(4.0)
+    assert bn["g_v"] == pytest.approx(75.0)
+    assert bn["flops_ratio"] == pytest.approx(6.0)
+    assert vit["r_t"] == pytest.approx(1.0) and vit["g_t"] == pytest.approx(0.0)
+    assert vit["acc_mean"] == pytest.approx((0.985 + 0.971) / 2)
+    assert vit["acc_std"] == pytest.approx(0.007)
+    assert (vit["acc_min"], vit["acc_max"]) == (0.971, 0.985)
+    assert vit["t97"] == pytest.approx(((9 + 2 + 2) + (9 + 2.2 + 2 + 2.2)) / 2) and vit["t97_n"] == 2
+    assert vit["t98"] == pytest.approx(9 + 2 + 2 + 2.2) and vit["t98_n"] == 1
+    assert bn["t97_n"] == 0
+
+
+def test_formatted_cells_say_not_reached_and_partial_seeds():
+    table = summary_table(synthetic().runs, synthetic().history)
+    cells = {row[1]: row for row in format_cells(table)}
+    assert cells["ViT"][-2:] == ["14.2 s", "15.2 s (1/2 seeds)"]
+    assert cells["ViTBN"][-2:] == ["not reached", "not reached"]
+    assert cells["ViT"][4] == "97.80% ± 0.70 [97.10-98.50]"
+    assert cells["ViTBN"][10:15] == ["3.50", "71.4%", "4.00", "75.0%", "6.00"]
+
+
+def test_flops_sentences():
+    table = summary_table(synthetic().runs, synthetic().history)
+    assert comparison_sentences(table) == [
+        "[lr=0.001] ViTBN (depth 1) trains 3.5x faster per epoch than ViT (depth 6); it does 6.0x fewer FLOPs "
+        "per image, which accounts for the whole ratio."
+    ]
+    row = {"model": "vitbn", "depth": 6, "t_train": 1.0, "flops": 3.0}
+    ref = {"model": "vit", "depth": 6, "t_train": 4.0, "flops": 6.0}
+    assert flops_sentence(row, ref) == (
+        "ViTBN (depth 6) trains 4.0x faster per epoch than ViT (depth 6); it does 2.0x fewer FLOPs per image, "
+        "which accounts for about 50% of the ratio (log scale); the remaining 2.0x is not explained by FLOPs."
+    )
+    assert flops_sentence({**row, "t_train": 8.0, "flops": 2.0}, ref) == (
+        "ViTBN (depth 6) trains 2.0x slower per epoch than ViT (depth 6); it does 3.0x fewer FLOPs per image, so "
+        "FLOPs do not explain the difference."
+    )
+    assert flops_sentence({**row, "t_train": 4.0}, ref) == (
+        "ViTBN (depth 6) trains as fast per epoch as ViT (depth 6) although it does 2.0x fewer FLOPs per image."
+    )
+
+
+def test_report_files(tmp_path):
+    blocks, _ = report_blocks("study", "synthetic", synthetic())
+    md_text = to_markdown(blocks)
+    assert "| setting | model | depth | seeds | final acc |" in md_text
+    assert "| r_t | g_t | r_v | g_v | FLOPs ratio |" in md_text
+    md, page, figures = write_report(blocks, tmp_path / "out", "t")
+    assert sorted(f.name for f in figures) == ["epochs_lr0.001.png", "time_vs_lr.png", "tuning.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+    assert md.read_text() == md_text
+    assert page.read_text().count('src="data:image/png;base64,iVBORw0KGgo') == 3
+    assert "| vit-d6 | 3 | 1 | 95.00% | 0.0003 | 90 | 2 |" in md_text  # best trial of the tuning
+
+
+def test_plots_draw_one_line_per_label():
+    curves = synthetic().history.merge(synthetic().runs[["run_id", "label"]], on="run_id")
+    fig = plots.epoch_panels(curves.groupby(["label", "epoch"]).mean(numeric_only=True).reset_index(), "t")
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2, 2]
+    assert fig.axes[3].lines[0].get_ydata().tolist() == pytest.approx([0.9, 0.9575, 0.9675, 0.978])
+    best = plots.best_so_far(synthetic().trials)
+    assert best.axes[0].lines[0].get_ydata().tolist() == [0.9, 0.9, 0.95]
+
+
+def test_model_size_from_logged_params(tiny_overrides):
+    from vitbn.config import flatten, to_dict
+    from vitbn.models import count_params, create_model, forward_flops
+
+    model = create_model("vitbn", **tiny_overrides)
+    params = {k: str(v) for k, v in flatten({"model": to_dict(model.config)}).items()}
+    assert model_config_from_params(params) == model.config
+    assert model_size(params) == (count_params(model), forward_flops(model))
