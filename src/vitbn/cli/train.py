@@ -45,6 +45,11 @@ FLAGS: dict[str, tuple[str, str, dict]] = {
         "precise_bn",
         dict(action=argparse.BooleanOptionalAction, help="recompute BN statistics before each evaluation"),
     ),
+    "--sync-bn": (
+        "train",
+        "sync_bn",
+        dict(action=argparse.BooleanOptionalAction, help="torchrun runs: BatchNorm statistics over all ranks"),
+    ),
     "--out-dir": ("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
     "--resume": ("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's checkpoint")),
     "--tracking-uri": ("track", "tracking_uri", dict(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite)")),
@@ -115,24 +120,33 @@ def resume_command(args: argparse.Namespace, run_name: str) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Trains one run; under ``torchrun`` this is one rank of a data-parallel run, and rank 0 reports."""
+    from vitbn.bn.distributed import destroy_distributed, is_main_process
     from vitbn.engine import fit
 
     config = config_from_args(args)
-    result = fit(config, progress=args.progress)
+    try:
+        result = fit(config, progress=args.progress)
+        main = is_main_process()
+    finally:
+        destroy_distributed()
     name, epochs = result.out_dir.name, len(result.history)
     if result.status == "diverged":
-        print(
-            f"vitbn train: run {name} diverged in epoch {epochs} (non-finite training loss); try a lower --lr",
-            file=sys.stderr,
-        )
+        if main:
+            print(
+                f"vitbn train: run {name} diverged in epoch {epochs} (non-finite training loss); try a lower --lr",
+                file=sys.stderr,
+            )
         return EXIT_DIVERGED
     if result.status == "killed":
-        print(
-            f"vitbn train: interrupted after {epochs} complete epoch(s); resume with: {resume_command(args, name)}",
-            file=sys.stderr,
-        )
+        if main:
+            print(
+                f"vitbn train: interrupted after {epochs} complete epoch(s); resume with: {resume_command(args, name)}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
-    print(_summary(result, config))
+    if main:
+        print(_summary(result, config))
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitbn.bn.distributed import DistInfo, init_distributed, wrap_ddp
 from vitbn.config import RunConfig, save_yaml
 from vitbn.engine.checkpoint import (
     CHECKPOINT_NAME,
@@ -27,10 +28,12 @@ from vitbn.engine.device import make_amp, resolve_device, seed_everything
 from vitbn.engine.evaluate import evaluate
 from vitbn.engine.history import write_history
 from vitbn.engine.optim import build_optimizer, build_scheduler
+from vitbn.engine.parallel import any_rank, from_main, reduce_evaluation, seed_rank_epoch, sum_over_ranks
 from vitbn.engine.progress import Progress
 from vitbn.engine.setup import (
     changed_settings,
     check_data_fits_model,
+    check_sync_bn,
     default_run_name,
     make_loaders,
     run_params,
@@ -38,7 +41,7 @@ from vitbn.engine.setup import (
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
 from vitbn.errors import UserError
-from vitbn.tracking import Tracker, make_tracker
+from vitbn.tracking import MemoryTracker, Tracker, make_tracker
 from vitbn.tracking.env import environment_tags
 
 __all__ = ["FINITE_CHECK_EVERY", "FitResult", "fit", "resolve_device"]
@@ -73,10 +76,17 @@ def fit(
 ) -> FitResult:
     """Trains a model as ``config`` says, evaluating, checkpointing and logging every epoch.
 
+    Under ``torchrun`` (``RANK``, ``WORLD_SIZE``... in the environment) this is one rank of a data-parallel
+    run: it joins the process group (gloo on the CPU, NCCL on CUDA), trains a DDP-wrapped model
+    (``train.sync_bn``: with synchronized BatchNorm) on its part of every global batch of ``train.batch_size``
+    images, and evaluates its share of the evaluation splits; every rank gets the same records. Rank 0 alone
+    tracks and writes files. The caller leaves the process group (``destroy_distributed``).
+
     Args:
         config: the run; ``train.resume`` continues ``<train.out_dir>/<track.run_name>/checkpoint.pt``.
         tracker: where params, metrics and artifacts go; None: ``make_tracker(config.track)`` (MLflow, checked
-            for reachability before anything else; a MemoryTracker when tracking is disabled).
+            for reachability before anything else; a MemoryTracker when tracking is disabled). Ranks other
+            than 0 always track into a MemoryTracker.
         parent_run_id: makes this a nested run of that run (sweeps).
         model: a model to train instead of ``build_model(config.model)``; its own config is logged.
         data: a ``vitbn.data.PreparedData`` instead of ``prepare_data(config.data)``.
@@ -86,20 +96,25 @@ def fit(
     Returns:
         A FitResult; a diverged or interrupted run returns too (no exception), with its status.
     """
-    if tracker is None:
+    info = init_distributed(resolve_device(config.train.device), sync_bn=config.train.sync_bn)
+    if not info.is_main:
+        tracker = MemoryTracker()  # tracking is rank 0's job
+    elif tracker is None:
         tracker = make_tracker(config.track)
-    return _Run(config, tracker, model=model, data=data, progress=progress).fit(parent_run_id, on_epoch)
+    return _Run(config, tracker, info, model=model, data=data, progress=progress).fit(parent_run_id, on_epoch)
 
 
 class _Run:
     """One training run: built (device, data, model, optimizer, resume state) in ``__init__``, then ``fit``."""
 
-    def __init__(self, config: RunConfig, tracker: Tracker, *, model, data, progress: str | None) -> None:
+    def __init__(
+        self, config: RunConfig, tracker: Tracker, info: DistInfo, *, model, data, progress: str | None
+    ) -> None:
         tc = config.train
         if tc.resume and not config.track.run_name:
             raise UserError("resume needs the name of the run to continue (track.run_name / --run-name)")
-        self.tracker = tracker
-        self.device = resolve_device(tc.device)
+        self.tracker, self.info = tracker, info
+        self.device = info.device(resolve_device(tc.device))
         self.amp = make_amp(tc.precision, self.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -116,19 +131,34 @@ class _Run:
         self.model = model.to(self.device)
         self.config = dataclasses.replace(config, model=model.config)
         check_data_fits_model(model.config, data.info)
-        self.loaders = make_loaders(data, tc, self.device)
+        check_sync_bn(tc, model.config)
+        self.loaders = make_loaders(data, tc, self.device, info)
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, len(self.loaders.train))
         self.loss_fn = make_loss(tc.label_smoothing)
         self.clip_params = [p for p in self.model.parameters() if p.requires_grad]
         self.run_name = config.track.run_name or default_run_name(model.config.name)
+        if info.distributed and not config.track.run_name:
+            self.run_name = from_main(self.run_name)  # one run folder for all ranks
         self.out_dir = Path(tc.out_dir) / self.run_name
-        self.progress = Progress(progress, tc.epochs)
+        self.progress = Progress(progress if info.is_main else "none", tc.epochs)
         self.history: list[dict] = []
         self.start_epoch, self.run_id, self._rng, self._started = 0, None, None, False
-        self._load_checkpoint()
-        self.net = self.eval_net = self._compile() if tc.compile else self.model
-        self._compile_checked = {"train": not tc.compile, "eval": not tc.compile}
+        self._load_checkpoint()  # every rank loads the same checkpoint
+        self._wrap(tc.sync_bn, tc.compile)
+
+    def _wrap(self, sync_bn: bool, compile: bool) -> None:
+        """Sets the modules that train (``net``) and evaluate (``eval_net``), compiled if asked.
+
+        ``train_net`` is DDP over ``model`` in a distributed run (its BatchNorms converted in place to SyncBN if
+        ``sync_bn``; the parameters stay those the optimizer holds), else ``model`` itself. Evaluation and
+        export use ``model``: the DDP wrapper's forward broadcasts buffers, a collective."""
+        self.train_net = wrap_ddp(self.model, sync_bn=sync_bn, device=self.device)
+        self.net, self.eval_net = self.train_net, self.model
+        if compile:
+            self.net = self._compile(self.train_net)
+            self.eval_net = self.net if self.train_net is self.model else self._compile(self.model)
+        self._compile_checked = {"train": not compile, "eval": not compile}
 
     def _load_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT_NAME
@@ -158,12 +188,12 @@ class _Run:
         self.history, self.start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
         self.run_id, self._rng = ckpt.get("run_id"), ckpt["rng"]
 
-    def _compile(self) -> nn.Module:
+    def _compile(self, module: nn.Module) -> nn.Module:
         try:
-            return torch.compile(self.model)
+            return torch.compile(module)
         except Exception as exc:  # e.g. an unsupported Python version or platform
             warnings.warn(f"torch.compile failed ({_first_line(exc)}); training the eager model", stacklevel=3)
-            return self.model
+            return module
 
     def fit(self, parent_run_id: str | None, on_epoch: Callable[[dict], None] | None) -> FitResult:
         try:
@@ -186,12 +216,16 @@ class _Run:
         return FitResult(status, self.history, final, self.model, self.run_id, self.out_dir)
 
     def _start_tracking(self, parent_run_id: str | None) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(self.config.to_dict(), self.out_dir / "config.yaml")
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.config.to_dict(), self.out_dir / "config.yaml")
         tags = {**environment_tags(str(self.device), torch.get_num_threads()), "vitbn.status": "running"}
+        tags.update({"dist.world_size": self.info.world_size, "dist.backend": self.info.backend or "none"})
         if self.start_epoch:
             tags["vitbn.resumed_from_epoch"] = self.start_epoch
         self.run_id = self.tracker.start_run(self.run_name, parent_id=parent_run_id, tags=tags, run_id=self.run_id)
+        if self.info.distributed:
+            self.run_id = from_main(self.run_id)  # rank 0's MLflow run, also in the other ranks' results
         self._started = True
         self.tracker.log_params(run_params(self.config, self.model))
 
@@ -210,6 +244,8 @@ class _Run:
     def _train_epoch(self, epoch: int) -> dict:
         loader, opt = self.loaders.train, self.optimizer
         loader.set_epoch(epoch)
+        if self.info.distributed:
+            seed_rank_epoch(self.config.train.seed, epoch, self.info)
         self.net.train()
         # Running sums stay on the device: no host sync per step (one per FINITE_CHECK_EVERY steps).
         loss_sum = torch.zeros((), device=self.device)
@@ -227,17 +263,25 @@ class _Run:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.progress.step()
-                if steps % FINITE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+                if steps % FINITE_CHECK_EVERY == 0 and self._any_rank(not torch.isfinite(loss_sum)):
                     break
-        mean_loss = loss_sum.item() / steps
+        mean_loss, hits, seconds = loss_sum.item() / steps, correct.item(), watch.seconds
+        if self.info.distributed:  # every rank ran the same steps: the global batch's loss is the ranks' mean
+            mean_loss, hits, samples, seconds = sum_over_ranks([mean_loss, hits, samples, seconds])
+            mean_loss, seconds = mean_loss / self.info.world_size, seconds / self.info.world_size
         return {
             "epoch": epoch,
             "train/loss": mean_loss if math.isfinite(mean_loss) else math.nan,
-            "train/acc": correct.item() / samples,
-            "time/train_epoch_s": watch.seconds,
-            "throughput/train_img_s": samples / watch.seconds,
+            "train/acc": hits / samples,
+            "time/train_epoch_s": seconds,
+            "throughput/train_img_s": samples / seconds,
             "lr": lr,
         }
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or'ed over the ranks, so that all ranks take the same branch (a collective: every rank
+        must call it at the same step)."""
+        return any_rank(bool(flag)) if self.info.distributed else bool(flag)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tc = self.config.train
@@ -254,20 +298,21 @@ class _Run:
 
     def _compile_failed(self, stage: str, exc: Exception) -> nn.Module:
         warnings.warn(f"torch.compile failed in {stage} ({_first_line(exc)}); using the eager model", stacklevel=4)
-        return self.model
+        return self.train_net if stage == "train" else self.model
 
     def _evaluate(self, loader) -> dict:
         kwargs = dict(device=self.device, precision=self.config.train.precision,
                       num_classes=self.model.config.num_classes)  # fmt: skip
         if self._compile_checked["eval"]:
-            return evaluate(self.eval_net, loader, **kwargs)
-        try:
             out = evaluate(self.eval_net, loader, **kwargs)
-        except Exception as exc:
-            self.eval_net = self._compile_failed("evaluation", exc)
-            out = evaluate(self.eval_net, loader, **kwargs)
-        self._compile_checked["eval"] = True
-        return out
+        else:
+            try:
+                out = evaluate(self.eval_net, loader, **kwargs)
+            except Exception as exc:
+                self.eval_net = self._compile_failed("evaluation", exc)
+                out = evaluate(self.eval_net, loader, **kwargs)
+            self._compile_checked["eval"] = True
+        return reduce_evaluation(out) if self.info.distributed else out
 
     def _evaluate_epoch(self, epoch: int) -> dict:
         tc, record = self.config.train, {}
@@ -275,8 +320,10 @@ class _Run:
             from vitbn.bn import recompute_bn_stats
 
             self.loaders.bn.set_epoch(epoch)
+            batches = min(tc.precise_bn_batches, len(self.loaders.bn))
+            pooled = {"all_reduce": True} if self.info.distributed else {}  # every rank: all ranks' batches
             with Stopwatch(self.device) as watch:
-                recompute_bn_stats(self.model, self.loaders.bn, min(tc.precise_bn_batches, len(self.loaders.bn)))
+                recompute_bn_stats(self.model, self.loaders.bn, batches, **pooled)
             record["time/precise_bn_s"] = watch.seconds
         splits = {"val": self.loaders.val, "test": self.loaders.test if self.config.data.test_every_epoch else None}
         seconds = [self._log_split(record, split, loader) for split, loader in splits.items() if loader is not None]
@@ -297,9 +344,10 @@ class _Run:
         with deferred_interrupt():
             self.history.append(record)
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-            write_history(self.history, self.out_dir)
-            if checkpoint:
-                atomic_save(self._checkpoint_state(record["epoch"]), self.out_dir / CHECKPOINT_NAME)
+            if self.info.is_main:
+                write_history(self.history, self.out_dir)
+                if checkpoint:
+                    atomic_save(self._checkpoint_state(record["epoch"]), self.out_dir / CHECKPOINT_NAME)
         self.progress.end_epoch(record)
 
     def _checkpoint_state(self, epoch: int) -> dict:
@@ -331,18 +379,20 @@ class _Run:
             self._log_split(record, "test", self.loaders.test)
             self.tracker.log_metrics(record, step=self.history[-1]["epoch"] if self.history else 0)
             final.update({k: v for k, v in record.items() if k.startswith("test/")})
-        export_model(self.model, self.out_dir / MODEL_NAME)
+        if self.info.is_main:
+            export_model(self.model, self.out_dir / MODEL_NAME)
         return final
 
     def _close(self, status: str, quiet: bool = False) -> None:
         """Logs the run's files, tags its status and ends it (FINISHED, FAILED or KILLED)."""
         with deferred_interrupt():
             try:
-                files = [self.out_dir / "config.yaml", *write_history(self.history, self.out_dir)]
-                for path in files:
-                    self.tracker.log_artifact(path)
-                if status == "finished":
-                    self.tracker.log_artifact(self.out_dir / MODEL_NAME, "model")
+                if self.info.is_main:
+                    files = [self.out_dir / "config.yaml", *write_history(self.history, self.out_dir)]
+                    for path in files:
+                        self.tracker.log_artifact(path)
+                    if status == "finished":
+                        self.tracker.log_artifact(self.out_dir / MODEL_NAME, "model")
                 self.tracker.set_tags({"vitbn.status": status})
                 self.tracker.end_run(_END_STATUS[status])
             except Exception:

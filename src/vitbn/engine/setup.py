@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vitbn.bn.distributed import DistInfo
 from vitbn.config import ModelConfig, RunConfig, TrainConfig, flatten, pair
+from vitbn.engine.parallel import RankLoader, eval_share
 from vitbn.errors import UserError
 
 # Settings that may change when a run is resumed without changing its numbers (or by intent: epochs).
@@ -27,20 +29,29 @@ class Loaders:
     bn: object
 
 
-def make_loaders(data, tc: TrainConfig, device: torch.device) -> Loaders:
-    """InMemoryLoaders over ``data`` (a ``vitbn.data.PreparedData``) on ``device``."""
+def make_loaders(data, tc: TrainConfig, device: torch.device, info: DistInfo | None = None) -> Loaders:
+    """InMemoryLoaders over ``data`` (a ``vitbn.data.PreparedData``) on ``device``; in a distributed run
+    (``info``), this rank's part of each global batch (``RankLoader``) and its share of the evaluation
+    splits."""
     from vitbn.data import InMemoryLoader
 
+    rank, world = (info.rank, info.world_size) if info is not None and info.distributed else (0, 1)
     common = dict(mean=data.info.mean, std=data.info.std, device=device)
     train = InMemoryLoader(data.train, batch_size=tc.batch_size, shuffle=True, seed=tc.seed,
                            max_batches=tc.max_steps_per_epoch, **common)  # fmt: skip
-    if len(train) == 0:
-        raise UserError(f"the training set of {data.info.name!r} is empty; check train_subset / val_size")
-    val = InMemoryLoader(data.val, batch_size=tc.eval_batch_size, **common) if data.val is not None else None
-    test = InMemoryLoader(data.test, batch_size=tc.eval_batch_size, **common)
     bn = InMemoryLoader(data.train, batch_size=tc.batch_size, shuffle=True, seed=tc.seed + 1,
                         max_batches=tc.precise_bn_batches, **common)  # fmt: skip
-    return Loaders(train=train, val=val, test=test, bn=bn)
+    if world > 1:
+        train, bn = RankLoader(train, rank, world), RankLoader(bn, rank, world)
+    if len(train) == 0:
+        raise UserError(f"the training set of {data.info.name!r} is empty; check train_subset / val_size")
+
+    def evaluation(split):
+        split = eval_share(split, rank, world) if world > 1 else split
+        return InMemoryLoader(split, batch_size=tc.eval_batch_size, **common)
+
+    val = evaluation(data.val) if data.val is not None else None
+    return Loaders(train=train, val=val, test=evaluation(data.test), bn=bn)
 
 
 def check_data_fits_model(config: ModelConfig, info) -> None:
@@ -56,6 +67,15 @@ def check_data_fits_model(config: ModelConfig, info) -> None:
         raise UserError(
             f"dataset {info.name!r} has {len(info.classes)} classes but model {config.name!r} has "
             f"num_classes={config.num_classes}"
+        )
+
+
+def check_sync_bn(tc: TrainConfig, config: ModelConfig) -> None:
+    """SyncBN takes BatchNorm statistics over the whole global batch; ghost BN over sub-batches: not both."""
+    if tc.sync_bn and config.ghost_batch_size is not None:
+        raise UserError(
+            f"sync_bn and model.ghost_batch_size={config.ghost_batch_size} exclude each other: SyncBN normalizes "
+            "over the whole global batch, ghost BN over sub-batches; drop one"
         )
 
 

@@ -1,0 +1,163 @@
+"""Data-parallel training: rank loaders against one process's batches, and ``torchrun -m vitbn train`` with
+SyncBN and precise BN against a single process with the same global batch (then resumed), plus --sync-bn
+without torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+
+from vitbn.bn.distributed import TORCHRUN_VARS, DistInfo
+from vitbn.cli import main
+from vitbn.config import ModelConfig, RunConfig, TrainConfig
+from vitbn.data import Dataset, InMemoryLoader, PreparedData, Split
+from vitbn.engine import fit
+from vitbn.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME
+from vitbn.engine.parallel import RankLoader, eval_share
+from vitbn.engine.setup import check_sync_bn, make_loaders
+from vitbn.errors import UserError
+
+# SGD: with Adam, a bias whose gradient is rounding noise (one before a BatchNorm) moves by +-lr either way,
+# so two summation orders of the same gradient give visibly different parameters.
+CONFIG = {
+    "model": {"name": "vitbn", "dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_dim": 32},
+    "data": {"train_subset": 400, "test_subset": 200},
+    "train": {"epochs": 1, "batch_size": 40, "device": "cpu", "threads": 1, "max_steps_per_epoch": 3,
+              "optimizer": "sgd", "lr": 0.05, "precise_bn": True, "precise_bn_batches": 4},
+}  # fmt: skip
+
+
+def _split(n: int) -> Split:
+    return Split(torch.arange(n, dtype=torch.uint8).reshape(n, 1, 1, 1), torch.arange(n))
+
+
+def _labels(loader) -> list[list[int]]:
+    return [y.tolist() for _, y in loader]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_rank_batches_together_are_the_single_process_batches(shuffle):
+    loader = InMemoryLoader(_split(23), batch_size=6, mean=0.0, std=1.0, shuffle=shuffle, seed=3)
+    loader.set_epoch(2)
+    ranks = [RankLoader(loader, r, 3) for r in range(3)]
+    per_rank = [_labels(r) for r in ranks]
+    # 23 images in batches of 6: 6, 6, 6, 5 -> the last keeps 3 (a multiple of the 3 ranks), one each
+    assert [len(r) for r in ranks] == [4, 4, 4] and [r.num_samples for r in ranks] == [7, 7, 7]
+    assert all(r.batch_size == 2 for r in ranks)
+    for i, batch in enumerate(_labels(loader)):
+        kept = batch[: len(batch) - len(batch) % 3]
+        assert [per_rank[r][i] for r in range(3)] == [kept[r::3] for r in range(3)]
+    x, y = next(iter(ranks[1]))
+    assert_close(x, y.float().reshape(-1, 1, 1, 1) / 255)  # images follow their labels, normalized
+    ranks[0].set_epoch(5)
+    assert loader.epoch == 5
+
+
+def test_rank_loader_rules():
+    loader = InMemoryLoader(_split(5), batch_size=4, mean=0.0, std=1.0)
+    with pytest.raises(UserError, match="batch_size=4 is the global batch and must be divisible by the 3 ranks"):
+        RankLoader(loader, 0, 3)
+    short = RankLoader(loader, 1, 2)  # batches of 4 and 1: the single last image is dropped on every rank
+    assert len(short) == 1 and _labels(short) == [[1, 3]]
+    shares = [eval_share(_split(7), r, 3).labels.tolist() for r in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_make_loaders_for_a_rank():
+    info = Dataset("t", _split(40), _split(9), ["c"], mean=(0.0,), std=(1.0,), shape=(1, 1, 1))
+    data = PreparedData(train=info.train, val=None, test=info.test, info=info)
+    tc = TrainConfig(batch_size=8, eval_batch_size=4, precise_bn_batches=2, seed=1)
+    loaders = make_loaders(data, tc, torch.device("cpu"), DistInfo(rank=1, world_size=2, backend="gloo"))
+    single = make_loaders(data, tc, torch.device("cpu"))
+    for name in ("train", "bn"):
+        getattr(loaders, name).set_epoch(1)
+        getattr(single, name).set_epoch(1)
+        assert _labels(getattr(loaders, name)) == [b[1::2] for b in _labels(getattr(single, name))]
+    assert len(loaders.bn) == 2 and loaders.val is None
+    assert _labels(loaders.test) == [[5, 6, 7, 8]]  # rank 1's share of the test set
+
+
+def test_sync_bn_excludes_ghost_bn():
+    check_sync_bn(TrainConfig(sync_bn=True), ModelConfig())
+    check_sync_bn(TrainConfig(), ModelConfig(ghost_batch_size=8))
+    with pytest.raises(UserError, match="sync_bn and model.ghost_batch_size=8 exclude each other"):
+        check_sync_bn(TrainConfig(sync_bn=True), ModelConfig(ghost_batch_size=8))
+
+
+def test_sync_bn_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--sync-bn", "--device", "cpu", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "vitbn train: error: --sync-bn needs a distributed run, but RANK/WORLD_SIZE are not set: "
+        "launch with torchrun --nproc-per-node N -m vitbn train ...\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # failed before any tracking store or run folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "vitbn", "train", "--config", "c.yaml", "--progress", "lines",
+           *args]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _history(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_torchrun_sync_bn_matches_one_process_and_resumes(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**CONFIG, "track": {"tracking_uri": uri}}))
+    first = _torchrun(tmp_path, "--sync-bn")  # rank 0 names the run for both
+    assert first.stdout.count("epoch 1/1  train_loss") == 1 and first.stdout.count("finished after 1 epoch") == 1
+    (folder,) = (tmp_path / "runs").iterdir()
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.tags["vitbn.status"] == "finished"
+    assert (run.data.tags["dist.world_size"], run.data.tags["dist.backend"]) == ("2", "gloo")
+    assert run.data.params["train.sync_bn"] == "True" and run.data.params["train.batch_size"] == "40"
+    files = {"config.yaml", "history.json", "history.csv", CHECKPOINT_NAME, MODEL_NAME}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+
+    # Every rank loads the checkpoint, trains epoch 2 and rank 0 alone logs into the same MLflow run.
+    second = _torchrun(tmp_path, "--sync-bn", "--run-name", folder.name, "--epochs", "2", "--resume")
+    assert second.stdout.count("epoch 2/2  train_loss") == 1
+    (run,) = client.search_runs([run.info.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["vitbn.resumed_from_epoch"] == "1"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+
+    # One process with the global batch of 40 on the same data order trains the same model.
+    single_cfg = {**CONFIG, "train": {**CONFIG["train"], "epochs": 2, "out_dir": str(tmp_path / "single")},
+                  "track": {"enabled": False, "run_name": "one"}}  # fmt: skip
+    single = fit(RunConfig.from_dict(single_cfg), progress="none")
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc"):
+        assert_close(_history(client, run.info.run_id, key), [r[key] for r in single.history], rtol=1e-5, atol=1e-6)
+    ddp = torch.load(folder / MODEL_NAME, weights_only=True)["state_dict"]
+    expected = single.model.state_dict()
+    assert sorted(ddp) == sorted(expected)
+    for key, value in expected.items():
+        assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any("running_var" in k for k in ddp)
