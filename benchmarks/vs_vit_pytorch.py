@@ -1,0 +1,294 @@
+"""vitbn's ViT against vit-pytorch's ``ViT`` of the same configuration, timed side by side in one run.
+
+vit-pytorch is the de-facto reference and NOT a dependency of vitbn (it pulls in torchvision). Make a throwaway
+copy outside the project's environment and point the script at it:
+
+    pip install --no-deps --target /tmp/vp vit-pytorch einops
+    .venv/bin/python benchmarks/vs_vit_pytorch.py --vit-pytorch /tmp/vp --out vs_vit_pytorch.json
+
+The script loads ``/tmp/vp/vit_pytorch/vit.py`` by file path (the package's ``__init__`` imports modules that
+need torchvision) with ``/tmp/vp`` on ``sys.path`` for einops. Both models get the same weights (vit-pytorch's,
+converted) and must give the same logits before anything is timed.
+
+Timed on the CPU, per precision (fp32, bf16 autocast), on the same fixed batch, interleaved in rounds (every round times
+every implementation once, so load on a shared machine hits all alike), after warm-up:
+
+- ``vit-pytorch``: the reference trained the plain way: ``Adam(model.parameters())`` with PyTorch's default
+  implementation choice, ``zero_grad()``, ``F.cross_entropy``, ``backward()``, ``step()``;
+- ``vitbn, plain step``: vitbn's model in that same plain step (what the model code alone buys);
+- ``vitbn``: vitbn's model in vitbn's step (``vitbn.engine.step.train_step`` with the engine's optimizer);
+- with ``--compile`` (the default): the reference (plain step) and vitbn (its own step) under ``torch.compile``
+  (each compiles in its first warm-up call: minutes on 2 cores with a cold compiler cache);
+- inference (``--infer-batch-size`` images, eval mode, ``inference_mode``): the reference and vitbn.
+
+The table gives the median images per second, the spread of the repeats and the ratio to the reference in
+the same precision and mode (the median over rounds of the per-round ratio); ``vs ref+c`` compares the compiled
+vitbn with the compiled reference. Targets (issue 7): vitbn training >= 1.2x the reference in fp32 and in bf16;
+vitbn bf16 training >= 2x vitbn fp32. With ``--profile`` it also prints the share of operator time per category
+(matrix products, norms, softmax, copies, optimizer, elementwise, other) of each eager training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from vitbn.bench.cases import OP_CATEGORIES, batch_for, first_line, op_shares
+from vitbn.bench.system import environment, tune_cpu_allocator
+from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
+from vitbn.config import TrainConfig
+from vitbn.engine.device import make_amp
+from vitbn.engine.optim import build_optimizer
+from vitbn.engine.step import make_loss, train_step
+from vitbn.models.convert import vit_from_vit_pytorch
+
+STUDY = dict(
+    image_size=28, patch_size=7, num_classes=10, dim=64, depth=6, heads=8, mlp_dim=128, channels=1, dim_head=64
+)
+REF = "vit-pytorch"
+TARGETS = {("train", "vitbn"): 1.2, ("train", "vitbn+compile"): 1.2}
+
+
+def load_reference(path: str):
+    """vit-pytorch's ``ViT`` class from ``PATH/vit_pytorch/vit.py`` (with PATH on sys.path for einops)."""
+    vit_py = Path(path) / "vit_pytorch" / "vit.py"
+    if not vit_py.is_file():
+        sys.exit(
+            f"no vit_pytorch/vit.py under {path}; make a copy: pip install --no-deps --target {path} vit-pytorch einops"
+        )
+    sys.path.insert(0, str(Path(path).resolve()))
+    spec = importlib.util.spec_from_file_location("vit_pytorch_vit", vit_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ViT
+
+
+def plain_step(model, precision: str, x, y, compile: bool):
+    """The reference's training step as a plain PyTorch script writes it."""
+    net = torch.compile(model) if compile else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step():
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def vitbn_step(model, precision: str, x, y, compile: bool):
+    """vitbn's training step: the engine's ``train_step`` with the engine's optimizer."""
+    net = torch.compile(model) if compile else model
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    amp, loss_fn = make_amp(precision, x.device), make_loss()
+    return lambda: train_step(net, x, y, optimizer, loss_fn, amp=amp)
+
+
+def infer(model, precision: str, x, compile: bool):
+    net = torch.compile(model) if compile else model
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def run():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            return net(x)
+
+    return run
+
+
+def build_models(ref_cls, depth: int, device):
+    """A reference model and a vitbn ViT with the same weights; checks that their logits agree."""
+    kwargs = {**STUDY, "depth": depth}
+    ref = ref_cls(**kwargs).to(device)
+    ours = vit_from_vit_pytorch(ref.state_dict(), **kwargs).to(device)
+    x, _ = batch_for(ours, 8, device)
+    with torch.no_grad():
+        assert_close(ours.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    return ref.train(), ours.train()
+
+
+def make_cases(args, ref_cls, device) -> list[tuple[dict, Case]]:
+    """Every implementation x precision x mode to time, each with fresh models of the same weights."""
+    out = []
+    for precision in args.precisions:
+        variants = [(REF, "plain", False), ("vitbn, plain step", "plain", False), ("vitbn", "vitbn", False)]
+        if args.compile:
+            variants += [(REF + "+compile", "plain", True), ("vitbn+compile", "vitbn", True)]
+        for impl, step, compile in variants if "train" in args.modes else []:
+            ref, ours = build_models(ref_cls, args.depth, device)
+            model = ref if impl.startswith(REF) else ours
+            x, y = batch_for(ours, args.batch_size, device)
+            run = (plain_step if step == "plain" else vitbn_step)(model, precision, x, y, compile)
+            out.append(({"precision": precision, "mode": "train", "impl": impl}, Case(impl, run, len(x), device)))
+        infer_variants = [(REF, False), ("vitbn", False)] + (
+            [(REF + "+compile", True), ("vitbn+compile", True)] if args.compile else []
+        )
+        for impl, compile in infer_variants if "infer" in args.modes else []:
+            ref, ours = build_models(ref_cls, args.depth, device)
+            x, _ = batch_for(ours, args.infer_batch_size, device)
+            run = infer(ref.eval() if impl.startswith(REF) else ours.eval(), precision, x, compile)
+            out.append(({"precision": precision, "mode": "infer", "impl": impl}, Case(impl, run, len(x), device)))
+    return out
+
+
+def warm_all(cases: list[tuple[dict, Case]], args) -> None:
+    for key, case in cases:
+        print(f"warming up {key['precision']} {key['mode']} {key['impl']}", file=sys.stderr, flush=True)
+        try:
+            warm_up(case, args.warmup, args.min_repeat_s)
+        except Exception as exc:  # a compiler failure: report it, time the rest
+            if "compile" not in key["impl"]:
+                raise
+            case.error = first_line(exc)
+
+
+def rows_of(cases: list[tuple[dict, Case]]) -> list[dict]:
+    """One row per case with its median, spread and paired ratio to the reference (same precision and mode)."""
+    refs = {(k["precision"], k["mode"]): c for k, c in cases if k["impl"] == REF}
+    refs_compiled = {(k["precision"], k["mode"]): c for k, c in cases if k["impl"] == REF + "+compile"}
+    fp32 = {(k["mode"], k["impl"]): c for k, c in cases if k["precision"] == "fp32"}
+    rows = []
+    for key, case in cases:
+        stats = summarize(case.samples)
+        ref = refs.get((key["precision"], key["mode"]))
+        ratio = paired_ratio(case, ref) if ref is not None and not case.error else None
+        ref_c = refs_compiled.get((key["precision"], key["mode"])) if key["impl"] == "vitbn+compile" else None
+        ratio_c = paired_ratio(case, ref_c) if ref_c is not None and not case.error and not ref_c.error else None
+        base = fp32.get((key["mode"], key["impl"]))
+        vs_fp32 = paired_ratio(case, base) if key["precision"] == "bf16" and base and not case.error else None
+        target = TARGETS.get((key["mode"], key["impl"]))
+        rows.append(
+            {
+                **key,
+                "img_s": stats["median"] if case.seconds else None,
+                "spread_pct": stats["spread_pct"] if case.seconds else None,
+                "samples": case.samples,
+                "vs_ref": ratio,
+                "vs_ref_compiled": ratio_c,
+                "target_vs_ref": target,
+                "bf16_vs_fp32": vs_fp32,
+                "status": "ok" if not case.error else f"n/a ({case.error})",
+            }
+        )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (
+        f"{'prec':<5} {'mode':<6} {'implementation':<20} {'img/s':>9} {'±%':>4} {'vs ref':>7} {'vs ref+c':>8} "
+        f"{'bf16/fp32':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['precision']:<5} {r['mode']:<6} {r['impl']:<20} {r['status']}")
+            continue
+        ratio = f"{r['vs_ref']:.2f}x" if r["vs_ref"] is not None else "-"
+        ratio_c = f"{r['vs_ref_compiled']:.2f}x" if r["vs_ref_compiled"] is not None else "-"
+        vs_fp32 = f"{r['bf16_vs_fp32']:.2f}x" if r["bf16_vs_fp32"] is not None else "-"
+        line = (
+            f"{r['precision']:<5} {r['mode']:<6} {r['impl']:<20} {r['img_s']:>9.1f} {r['spread_pct']:>4.0f} "
+            f"{ratio:>7} {ratio_c:>8} {vs_fp32:>9}"
+        )
+        notes = []
+        if r["target_vs_ref"] is not None:
+            notes.append(
+                f"target vs ref >= {r['target_vs_ref']}: {'met' if r['vs_ref'] >= r['target_vs_ref'] else 'NOT met'}"
+            )
+        if r["bf16_vs_fp32"] is not None and r["mode"] == "train" and r["impl"].startswith("vitbn"):
+            notes.append(f"target bf16/fp32 >= 2: {'met' if r['bf16_vs_fp32'] >= 2 else 'NOT met'}")
+        lines.append(line + ("  " + "; ".join(notes) if notes else ""))
+    return "\n".join(lines)
+
+
+def profile_rows(cases: list[tuple[dict, Case]], iters: int) -> list[dict]:
+    """Operator-time shares per category (``vitbn.bench.cases.op_shares``) of every eager training case: where
+    a step's time goes, and so what bounds it."""
+    rows = []
+    for key, case in cases:
+        if key["mode"] == "train" and "compile" not in key["impl"] and not case.error:
+            rows.append({**key, **op_shares(case.run, case.device, iters)})
+    return rows
+
+
+def format_profile(rows: list[dict]) -> str:
+    names = [c for c, _ in OP_CATEGORIES] + ["other"]
+    head = f"{'prec':<5} {'implementation':<20} " + " ".join(f"{n:>11}" for n in names)
+    lines = ["share of operator time per training step, % (torch.profiler self time):", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['precision']:<5} {r['impl']:<20} " + " ".join(f"{r[n]:>11.1f}" for n in names))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--vit-pytorch", required=True, metavar="DIR", help="folder with vit_pytorch/ and einops/")
+    p.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","), help="default fp32,bf16")
+    p.add_argument("--modes", default="train,infer", type=lambda s: s.split(","), help="default train,infer")
+    p.add_argument("--depth", type=int, default=6, help="blocks (the study's ViT: 6)")
+    p.add_argument("--batch-size", type=int, default=100, help="training batch (the study's: 100)")
+    p.add_argument("--infer-batch-size", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=9, help="interleaved timed rounds")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations per case")
+    p.add_argument("--min-repeat-s", type=float, default=0.5, help="seconds one timed repeat lasts at least")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also torch.compile")
+    p.add_argument("--tune-allocator", action="store_true", help="vitbn.bench.tune_cpu_allocator() first (both)")
+    p.add_argument("--profile", action="store_true", help="also print where eager training steps spend time")
+    p.add_argument("--profile-steps", type=int, default=5, help="profiled steps per implementation")
+    p.add_argument("--out", help="write the rows as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ref_cls = load_reference(args.vit_pytorch)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tuned = tune_cpu_allocator() if args.tune_allocator else False
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    cases = make_cases(args, ref_cls, device)
+    warm_all(cases, args)
+    print(f"timing {len(cases)} cases in {args.repeats} interleaved rounds ...", file=sys.stderr, flush=True)
+    interleave([c for _, c in cases], args.repeats)
+    rows = rows_of(cases)
+    env = {
+        **environment(device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "allocator_tuned": tuned,
+        "seconds": round(time.perf_counter() - started, 1),
+        "depth": args.depth,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+    }
+    print(
+        f"vitbn vs vit-pytorch  {env['date']}  {env['device_name']}  torch {env['torch']}  "
+        f"threads {env['threads']}  load avg {env['load_avg']}  allocator tuned: {tuned}"
+    )
+    print(
+        f"ViT depth {args.depth}, dim 64, heads 8x64, mlp 128, 17 tokens; train batch {args.batch_size}, "
+        f"infer batch {args.infer_batch_size}; medians of {args.repeats} interleaved rounds\n"
+    )
+    print(format_rows(rows))
+    profile = profile_rows(cases, args.profile_steps) if args.profile else []
+    if profile:
+        print("\n" + format_profile(profile))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": env, "rows": rows, "profile": profile}, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The benchmark's table (plain text, one row per configuration), its comparisons, and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from vitbn.errors import UserError
+
+# (header, row key, format) of the table's columns; None values print as "-".
+COLUMNS = (
+    ("model", "model", "{}"),
+    ("depth", "depth", "{}"),
+    ("prec", "precision", "{}"),
+    ("mode", "mode", "{}"),
+    ("compile", "compiled", "{}"),
+    ("batch", "batch", "{}"),
+    ("img/s", "img_s", "{:.1f}"),
+    ("±%", "spread_pct", "{:.0f}"),
+    ("MFLOP/img", "flops_img", "{:.2f}"),
+    ("GFLOP/s", "gflops", "{:.1f}"),
+    ("peak", "peak_gflops", "{:.1f}"),
+    ("util%", "util_pct", "{:.1f}"),
+    ("s/epoch", "epoch_s", "{:.1f}"),
+    ("load%", "loader_pct", "{:.2f}"),
+    ("mem MiB", "mem_mb", "{:.1f}"),
+    ("norm%", "norm_pct", "{:.1f}"),
+    ("mm%", "matmul_pct", "{:.0f}"),
+)
+
+
+LEGEND = """\
+img/s: median over the interleaved rounds; ±%: (max - min) / median. MFLOP/img: matrix-product FLOPs per image
+(torch.utils.flop_counter; train = forward + backward). GFLOP/s = MFLOP/img x img/s / 1000. peak: dense matmul
+GFLOP/s in the same precision, timed in the same rounds; util% = GFLOP/s / peak. s/epoch = 60000 / img/s (the steps
+of an MNIST epoch); load% = loader epoch / (loader epoch + s/epoch). mem MiB: peak tensor memory of one call above
+the level before it. norm%, mm%: share of operator time in normalization / matrix products (torch.profiler,
+eager cases)."""
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "compiled":
+        return "yes" if value else "no"
+    if key == "flops_img":
+        value = value / 1e6
+    return fmt.format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table; a row that could not run shows its ``n/a (reason)`` after it."""
+    cells = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in rows]
+    headers = [h for h, _, _ in COLUMNS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    for row, line in zip(rows, cells):
+        text = "  ".join(c.rjust(w) for c, w in zip(line, widths))
+        lines.append(text if row["status"] == "ok" else f"{text}  {row['status']}")
+    return "\n".join(lines)
+
+
+def format_comparisons(comparisons: list[dict]) -> str:
+    """One line per paired ratio, with its target where the issue sets one."""
+    lines = []
+    for c in comparisons:
+        note = "" if c["target"] is None else f"  target >= {c['target']:.1f}: {'met' if c['met'] else 'NOT met'}"
+        if c.get("bound") is not None:
+            note += f"  (folding can buy at most {c['bound']:.3f}x: the unfolded model's norm share)"
+        lines.append(f"{c['what']:<28} {c['ratio']:6.3f}x  ({c['a']}  vs  {c['b']}){note}")
+    return "\n".join(lines)
+
+
+def format_report(result: dict) -> str:
+    """Everything ``vitbn bench`` prints: environment, peaks, the table, the comparisons, the loader."""
+    meta = result["meta"]
+    out = [
+        f"vitbn bench  {meta['date']}  {meta['device_name']}  torch {meta['torch']}  threads {meta['threads']}",
+        f"load avg (1, 5, 15 min) at start {meta['load_avg']}, at end {meta.get('load_avg_end')}  "
+        f"allocator tuned: {meta['allocator_tuned']}  compile: {meta['compile']}  took {meta['seconds']:.0f} s",
+        "peak (dense matmul, median): "
+        + ", ".join(f"{p} {v['median']:.1f} GFLOP/s (n={v['size']})" for p, v in result["peaks"].items()),
+        "",
+        format_table(result["rows"]),
+        "",
+        LEGEND,
+    ]
+    if result["comparisons"]:
+        out += ["", "paired ratios (median over interleaved rounds):", format_comparisons(result["comparisons"])]
+    loader = result.get("loader")
+    if loader:
+        detail = f"{loader['epoch_s']:.3f} s per epoch of {loader['images']} images" if loader["epoch_s"] else ""
+        out += ["", f"loader (InMemoryLoader, MNIST train, shuffled): {detail or loader['status']}"]
+    return "\n".join(out)
+
+
+def _json_safe(value):
+    """NaN and infinities (not JSON) become None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def save_json(result: dict, path: str | Path) -> Path:
+    """Writes the result as JSON (creating the folder); NaN values are written as null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def load_json(path: str | Path) -> dict:
+    """Reads a result written by ``save_json``, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"benchmark file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"benchmark file {path} is not valid JSON: {exc}") from None
+    if not isinstance(result, dict) or "rows" not in result:
+        raise UserError(f"benchmark file {path} has no 'rows': not written by vitbn bench")
+    return result

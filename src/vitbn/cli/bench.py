@@ -1,0 +1,141 @@
+"""``vitbn bench``: throughput, FLOPs, utilization of the matrix-product peak, memory, norm and loader shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from vitbn.bench import BenchOptions
+
+
+def _list(text: str) -> list[str]:
+    return [t for t in text.replace(",", " ").split() if t]
+
+
+def _depth(token: str) -> str | int:
+    if token in ("study", "equal"):
+        return token
+    try:
+        return int(token)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"depth {token!r} is not 'study', 'equal' or an integer") from None
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r} must look like KEY=VALUE, e.g. dim=16")
+    return key.strip(), yaml.safe_load(value)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure training/inference throughput, FLOPs, utilization of the matmul peak, memory",
+        description="Times every model x depth x precision x mode (x compiled) after warm-up, interleaved in "
+        "rounds, against the dense matrix-product peak measured in the same rounds. See docs/benchmarks.md.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="study depths, no compile, 3 short rounds, lighter profiling (< 2 minutes)"
+    )
+    p.add_argument("--models", type=_list, help="comma-separated presets (default: vit,vitbnffn,vitbn)")
+    p.add_argument(
+        "--depths",
+        type=lambda s: [_depth(t) for t in _list(s)],
+        help="comma-separated: study (ViT 6, BN models 1), equal (6), or integers (default: study,equal)",
+    )
+    p.add_argument("--precisions", type=_list, help="comma-separated: fp32, bf16 (default: both)")
+    p.add_argument("--modes", type=_list, help="comma-separated: train, infer, infer_folded (default: all)")
+    p.add_argument("--batch-size", type=int, help="training batch (default 100)")
+    p.add_argument("--infer-batch-size", type=int, help="inference batch (default 1000)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's, the physical cores)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile'd cases (default: yes, no with --quick)",
+    )
+    p.add_argument("--repeats", type=int, help="timed rounds (default 7, 3 with --quick)")
+    p.add_argument("--warmup", type=int, help="untimed iterations per case (default 5, 1 with --quick)")
+    p.add_argument("--min-repeat-s", type=float, help="seconds one timed repeat lasts at least")
+    p.add_argument("--peak-size", type=int, help="n of the n^3 matmul that measures the peak (default 2048)")
+    p.add_argument(
+        "--no-loader", dest="loader", action="store_false", default=None, help="skip timing the MNIST loader epoch"
+    )
+    p.add_argument("--loader-epochs", type=int, help="timed loader epochs (default 3, 1 with --quick)")
+    p.add_argument(
+        "--no-norm-profile",
+        dest="profile_norms",
+        action="store_false",
+        default=None,
+        help="skip profiling the shares of operator time (norm%, mm%)",
+    )
+    p.add_argument("--profile-iters", type=int, help="profiled calls per case for norm%%/mm%% (default 3, 1 quick)")
+    p.add_argument(
+        "--tune-allocator",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="raise glibc's mmap/trim thresholds first (vitbn.bench.tune_cpu_allocator; default no)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)",
+    )
+    p.add_argument("--out", help="write the result as JSON to this file")
+    p.set_defaults(func=run)
+
+
+_FIELDS = (
+    "models",
+    "depths",
+    "precisions",
+    "modes",
+    "batch_size",
+    "infer_batch_size",
+    "device",
+    "threads",
+    "compile",
+    "repeats",
+    "warmup",
+    "min_repeat_s",
+    "peak_size",
+    "loader",
+    "loader_epochs",
+    "profile_norms",
+    "profile_iters",
+)
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The ``BenchOptions`` the command line asks for (``--quick`` defaults, then the explicit options)."""
+    from vitbn.bench import BenchOptions
+
+    changes = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+    for name in ("models", "depths", "precisions", "modes"):
+        if name in changes:
+            changes[name] = tuple(changes[name])
+    if args.tune_allocator is not None:
+        changes["tune_allocator"] = args.tune_allocator
+    changes["overrides"] = dict(args.overrides)
+    return BenchOptions.quick(**changes) if args.quick else BenchOptions(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitbn.bench import format_report, run_bench, save_json
+
+    options = options_from_args(args)
+    result = run_bench(options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_report(result))
+    if args.out:
+        print(f"\nwrote {save_json(result, args.out)}")
+    return 0

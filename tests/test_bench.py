@@ -1,0 +1,275 @@
+"""``vitbn bench``: the figures it prints are present and consistent with each other, with the analytic FLOP
+count and with the JSON it writes; the timing primitives interleave, pair and summarize as documented.
+Nothing here asserts that a speed was reached."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from vitbn.bench import (
+    BenchOptions,
+    Case,
+    format_table,
+    interleave,
+    load_json,
+    paired_ratio,
+    run_bench,
+    save_json,
+    warm_up,
+)
+from vitbn.bench.cases import categorize, op_shares, peak_memory
+from vitbn.bench.suite import MNIST_TRAIN_IMAGES, Spec, make_row, model_depths, plan, time_loader
+from vitbn.bench.timing import matmul_case
+from vitbn.cli import main
+from vitbn.errors import UserError
+from vitbn.models import create_model
+
+TINY = dict(dim=16, heads=2, dim_head=8, mlp_dim=32)
+TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+FAST = ["--repeats", "2", "--warmup", "1", "--min-repeat-s", "0", "--peak-size", "128", "--batch-size", "8"]
+FAST += ["--infer-batch-size", "16", "--no-loader"]
+CPU = torch.device("cpu")
+
+
+def analytic_forward_flops(depth: int, embed_norm: str = "layer", **kw) -> int:
+    """Matrix-product FLOPs of one forward pass of an MNIST-shaped ViT (2 FLOPs per multiply-add)."""
+    c = create_model("vit", depth=depth, embed_norm=embed_norm, **kw).config
+    d, m, heads, dh, n, p = c.dim, c.mlp_dim, c.heads, c.dim_head, c.num_tokens, c.num_patches
+    inner, patch_dim = heads * dh, c.channels * c.patch_size**2
+    per_block = 2 * n * (d * 3 * inner + inner * d + d * m + m * d) + 4 * heads * n * n * dh
+    return 2 * p * patch_dim * d + depth * per_block + 2 * d * c.num_classes
+
+
+def analytic_train_flops(depth: int, embed_norm: str = "layer", **kw) -> int:
+    """Forward + backward = 3 x forward, less the patch projection's input gradient when nothing before the
+    projection needs a gradient (no norm with parameters on the pixels)."""
+    c = create_model("vit", depth=depth, **kw).config
+    skipped = 2 * c.num_patches * c.channels * c.patch_size**2 * c.dim if embed_norm == "none" else 0
+    return 3 * analytic_forward_flops(depth, embed_norm, **kw) - skipped
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One tiny ``vitbn bench --quick`` through the CLI (quick's defaults: no compile; the rest overridden):
+    ViT and ViTBN at depth 1, fp32; its stdout and JSON."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["bench", "--quick", "--models", "vit,vitbn", "--depths", "1", "--precisions", "fp32"]
+    buffer = io.StringIO()  # capsys is function-scoped; this fixture runs once for the module
+    with contextlib.redirect_stdout(buffer):
+        code = main([*argv, *FAST, *TINY_ARGS, "--out", str(out)])
+    assert code == 0
+    return buffer.getvalue(), load_json(out)
+
+
+def test_rows_cover_the_planned_configurations(cli_run):
+    _, result = cli_run
+    options = result["meta"]["options"]
+    assert (options["compile"], options["repeats"], options["depths"]) == (False, 2, [1])
+    assert options["overrides"] == TINY and result["meta"]["compile"] == "disabled"
+    keys = [(r["model"], r["depth"], r["precision"], r["mode"], r["compiled"]) for r in result["rows"]]
+    assert keys == [
+        ("vit", 1, "fp32", "train", False),
+        ("vit", 1, "fp32", "infer", False),
+        ("vitbn", 1, "fp32", "train", False),
+        ("vitbn", 1, "fp32", "infer", False),
+        ("vitbn", 1, "fp32", "infer_folded", False),
+    ]
+    assert all(r["status"] == "ok" for r in result["rows"])
+    assert [r["batch"] for r in result["rows"]] == [8, 16, 8, 16, 16]
+
+
+def test_flops_per_image_equal_the_analytic_count(cli_run):
+    _, result = cli_run
+    fwd, train = analytic_forward_flops(1, **TINY), analytic_train_flops(1, **TINY)
+    assert train == 3 * fwd  # the pixels' LayerNorm has parameters: the projection's input gradient is needed
+    for row in result["rows"]:
+        assert row["flops_img"] == (train if row["mode"] == "train" else fwd), row
+
+
+def test_train_flops_skip_the_patch_input_gradient_without_a_pixel_norm():
+    from vitbn.models import forward_flops
+
+    model = create_model("vit", depth=1, embed_norm="none", **TINY)
+    assert forward_flops(model) == analytic_forward_flops(1, "none", **TINY)
+    assert forward_flops(model, train=True) == analytic_train_flops(1, "none", **TINY) < 3 * forward_flops(model)
+
+
+def test_derived_figures_are_consistent(cli_run):
+    _, result = cli_run
+    peak = result["peaks"]["fp32"]
+    assert peak["size"] == 128 and len(peak["samples"]) == 2
+    assert_close(peak["median"], statistics.median(peak["samples"]))
+    for row in result["rows"]:
+        assert len(row["samples"]) == 2
+        assert_close(row["img_s"], statistics.median(row["samples"]))
+        assert_close(row["gflops"], row["flops_img"] * row["img_s"] / 1e9)
+        assert_close(row["peak_gflops"], peak["median"])
+        assert_close(row["util_pct"], row["gflops"] / row["peak_gflops"] * 100)
+        assert row["mem_mb"] > 0 and row["mem_method"] == "torch.profiler tensor allocations"
+        if row["mode"] == "train":
+            assert_close(row["epoch_s"], MNIST_TRAIN_IMAGES / row["img_s"])
+        else:
+            assert row["epoch_s"] is None
+        assert_close(sum(row["op_shares"].values()), 100.0)
+        assert row["norm_pct"] == row["op_shares"]["norm"]
+        assert row["matmul_pct"] == row["op_shares"]["matmul"] and 0 < row["matmul_pct"] < 100
+        if row["mode"] == "infer_folded":
+            assert row["norm_pct"] == 0.0  # every norm of ViTBN is a BatchNorm, all folded
+        else:
+            assert 0 < row["norm_pct"] < 100
+
+
+def test_paired_ratios_are_medians_of_per_round_ratios(cli_run):
+    _, result = cli_run
+    rows = {(r["model"], r["mode"]): r for r in result["rows"]}
+    by_what = {c["what"]: c for c in result["comparisons"]}
+    folded, vit = rows[("vitbn", "infer_folded")]["samples"], rows[("vit", "infer")]["samples"]
+    expected = statistics.median(a / b for a, b in zip(folded, vit))
+    assert_close(by_what["BN folded / ViT inference"]["ratio"], expected)
+    assert by_what["BN folded / ViT inference"]["target"] == 1.0
+    assert by_what["BN folded / ViT inference"]["met"] == (expected >= 1.0)
+    unfolded = rows[("vitbn", "infer")]
+    assert_close(by_what["folded / unfolded inference"]["bound"], 100 / (100 - unfolded["norm_pct"]))
+
+
+def test_json_read_back_equals_the_printed_rows(cli_run):
+    printed, result = cli_run
+    assert format_table(result["rows"]) in printed
+    assert "peak (dense matmul, median): fp32" in printed
+    assert "BN folded / ViT inference" in printed
+
+
+def test_loader_share_of_an_epoch():
+    loader = time_loader(batch_size=100, device=CPU, epochs=1, max_batches=20)
+    assert loader["status"] == "ok" and loader["images"] == 2000 and len(loader["samples"]) == 1
+    spec = Spec("vit", 1, "fp32", "train", False)
+    case = Case("x", lambda: None, images=100, device=CPU, seconds=[0.1, 0.2, 0.3])
+    peaks = {"fp32": Case("peak", lambda: None, images=1.0, device=CPU, seconds=[0.01])}
+    row = make_row(spec, case, {"flops_img": 10**6, "mem_mb": 1.0, "mem_method": "m", "op_shares": None}, peaks, loader)
+    load_s = loader["epoch_s"] * MNIST_TRAIN_IMAGES / 2000
+    train_s = MNIST_TRAIN_IMAGES / 500.0  # median of 1000, 500, 333 img/s
+    assert_close(row["loader_pct"], 100 * load_s / (load_s + train_s))
+    assert_close(row["util_pct"], 100 * (10**6 * 500 / 1e9) / 100.0)
+
+
+def test_a_compiler_failure_is_reported_not_raised(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    options = BenchOptions(models=("vit",), depths=(1,), precisions=("fp32",), modes=("infer",), compile=True,
+                           repeats=1, warmup=1, min_repeat_s=0.0, peak_size=64, infer_batch_size=4, loader=False,
+                           profile_norms=False, overrides=TINY)  # fmt: skip
+    result = run_bench(options)
+    eager, compiled = result["rows"]
+    assert eager["status"] == "ok" and eager["img_s"] > 0
+    assert compiled["status"] == "n/a (RuntimeError: no C++ compiler found)"
+    assert compiled["img_s"] is None and compiled["flops_img"] == eager["flops_img"]
+    assert result["meta"]["compile"] == "n/a (RuntimeError: no C++ compiler found)"
+    assert "n/a (RuntimeError: no C++ compiler found)" in format_table(result["rows"])
+
+
+def test_interleave_alternates_the_cases():
+    calls = []
+    cases = [Case(name, lambda n=name: calls.append(n), images=1, device=CPU) for name in "AB"]
+    for case in cases:
+        warm_up(case, 1, 0.0)
+    calls.clear()
+    interleave(cases, repeats=3)
+    assert calls == ["A", "B", "A", "B", "A", "B"]
+    assert all(len(c.seconds) == 3 and c.iters == 1 for c in cases)
+
+
+def test_paired_ratio_and_matmul_peak_units():
+    a = Case("a", lambda: None, images=10, device=CPU, seconds=[1.0, 2.0, 4.0])  # 10, 5, 2.5 img/s
+    b = Case("b", lambda: None, images=10, device=CPU, seconds=[2.0, 2.0, 2.0])  # 5 img/s
+    assert paired_ratio(a, b) == 1.0 and a.img_s == 5.0
+    peak = matmul_case(torch.float32, CPU, size=64)
+    peak.seconds = [0.001]
+    assert_close(peak.img_s, 2 * 64**3 / 1e9 / 0.001)  # reads as GFLOP/s
+
+
+def test_peak_memory_counts_live_tensor_bytes():
+    def run():
+        a = torch.empty(2**20)  # 4 MiB
+        b = torch.empty(2**19)  # 2 MiB  (6 live)
+        del a  # 2 live
+        c = torch.empty(2**21)  # 8 MiB  (10 live: the peak)
+        return b.numel() + c.numel()
+
+    mib, method = peak_memory(run, CPU)
+    assert method == "torch.profiler tensor allocations"
+    assert mib == pytest.approx(10.0, abs=0.05)
+
+
+def test_op_shares_split_operator_time_by_category():
+    x, w = torch.randn(256, 64), torch.randn(64, 64)
+    only_matmul = op_shares(lambda: x @ w, CPU)
+    assert only_matmul["matmul"] > 95.0 and only_matmul["norm"] == 0.0  # the rest: aten::resolve_conj
+    both = op_shares(lambda: (F.layer_norm(x, (64,)), x @ w), CPU)
+    assert 0.0 < both["norm"] < 100.0 and 0.0 < both["matmul"] < 100.0
+    assert sum(both.values()) == pytest.approx(100.0)
+    assert [categorize(op) for op in ("aten::addmm", "aten::native_batch_norm_backward", "aten::_softmax",
+                                      "aten::cat", "aten::_fused_adam_", "aten::gelu", "aten::foo")] == [
+        "matmul", "norm", "softmax", "copy", "optimizer", "elementwise", "other"]  # fmt: skip
+
+
+def test_plan_and_depths():
+    assert model_depths(BenchOptions()) == [("vit", 6), ("vitbnffn", 1), ("vitbnffn", 6), ("vitbn", 1), ("vitbn", 6)]
+    specs = plan(BenchOptions(models=("vit", "vitbn"), depths=("study",), precisions=("bf16",), compile=True))
+    assert [s.name for s in specs] == [
+        "vit@6 bf16 train",
+        "vit@6 bf16 train compiled",
+        "vit@6 bf16 infer",
+        "vit@6 bf16 infer compiled",
+        "vitbn@1 bf16 train",
+        "vitbn@1 bf16 train compiled",
+        "vitbn@1 bf16 infer",
+        "vitbn@1 bf16 infer compiled",
+        "vitbn@1 bf16 infer_folded",
+        "vitbn@1 bf16 infer_folded compiled",
+    ]
+    quick = BenchOptions.quick()
+    assert (quick.depths, quick.compile, quick.repeats) == (("study",), False, 3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"models": ("resnet",)}, r"models=\['resnet'\] must be a non-empty subset of vit, vitbn, vitbnffn"),
+        ({"precisions": ("fp8",)}, r"precisions=\['fp8'\] must be a non-empty subset of fp32, bf16, fp16"),
+        ({"depths": ("deep",)}, r"depth 'deep' is not 'study', 'equal' or a positive integer"),
+        ({"repeats": 0}, r"repeats=0 must be a positive integer"),
+        ({"overrides": {"depth": 3}}, r"overrides may not set 'depth' or 'name': choose them with depths and models"),
+    ],
+)
+def test_bad_options_name_the_value(changes, message):
+    with pytest.raises(UserError, match=message):
+        BenchOptions(**changes)
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["bench", "--models", "resnet", "--no-compile"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "vitbn bench: error: models=['resnet'] must be a non-empty subset of vit, vitbn, vitbnffn"
+    )
+    with pytest.raises(SystemExit):
+        main(["bench", "--set", "dim"])
+    assert "--set 'dim' must look like KEY=VALUE" in capsys.readouterr().err
+
+
+def test_json_has_no_nan_and_bad_files_are_one_line_errors(tmp_path):
+    path = save_json({"rows": [], "peaks": {"fp32": {"median": float("nan")}}}, tmp_path / "sub" / "b.json")
+    assert load_json(path) == {"rows": [], "peaks": {"fp32": {"median": None}}}
+    with pytest.raises(UserError, match=r"benchmark file .*missing.json does not exist"):
+        load_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match=r"benchmark file .*bad.json is not valid JSON"):
+        load_json(tmp_path / "bad.json")
