@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-import yaml
+from vitbn.cli.args import key_value
 
 if TYPE_CHECKING:
     from vitbn.bench import BenchOptions
@@ -23,13 +23,6 @@ def _depth(token: str) -> str | int:
         return int(token)
     except ValueError:
         raise argparse.ArgumentTypeError(f"depth {token!r} is not 'study', 'equal' or an integer") from None
-
-
-def _override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set {text!r} must look like KEY=VALUE, e.g. dim=16")
-    return key.strip(), yaml.safe_load(value)
 
 
 def register(subparsers) -> None:
@@ -85,7 +78,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
-        type=_override,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vitbn.cli.args import key_value
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -14,15 +16,6 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 2,4,8")
     return values
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. depth=2)")
-    return key.strip(), yaml.safe_load(value)
 
 
 def register(subparsers) -> None:
@@ -36,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
-        type=_key_value,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
