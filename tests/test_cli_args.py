@@ -34,3 +34,24 @@ def test_user_errors_are_one_line(capsys):
     assert main(["train", "--model", "resnet", "--no-track"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "vitbn train: error: model='resnet' is not one of 'vit', 'vitbn', 'vitbnffn'"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["models"],
+        ["train"],
+        ["eval"],
+        ["experiment", "lr-sweep"],
+        ["experiment", "tune"],
+        ["report"],
+        ["bn-study"],
+        ["bench"],
+    ],
+)
+def test_every_help_page_renders(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vitbn")

@@ -13,3 +13,10 @@ def key_value(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--set {text!r} must look like KEY=VALUE, e.g. depth=2")
     return key.strip(), yaml.safe_load(value)
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected into ``args.overrides`` as (key, value) pairs."""
+    parser.add_argument(
+        "--set", dest="overrides", type=key_value, action="append", default=[], metavar="KEY=VALUE", help=help
+    )

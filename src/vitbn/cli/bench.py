@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from vitbn.cli.args import key_value
+from vitbn.cli.args import add_set_argument
 
 if TYPE_CHECKING:
     from vitbn.bench import BenchOptions
@@ -66,7 +66,7 @@ def register(subparsers) -> None:
         dest="profile_norms",
         action="store_false",
         default=None,
-        help="skip profiling the shares of operator time (norm%, mm%)",
+        help="skip profiling the shares of operator time (norm%%, mm%%)",
     )
     p.add_argument("--profile-iters", type=int, help="profiled calls per case for norm%%/mm%% (default 3, 1 quick)")
     p.add_argument(
@@ -75,15 +75,7 @@ def register(subparsers) -> None:
         default=None,
         help="raise glibc's mmap/trim thresholds first (vitbn.bench.tune_cpu_allocator; default no)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        type=key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)",
-    )
+    add_set_argument(p, help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)")
     p.add_argument("--out", help="write the result as JSON to this file")
     p.set_defaults(func=run)
 

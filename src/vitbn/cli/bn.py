@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitbn.cli.args import key_value
+from vitbn.cli.args import add_set_argument
 
 
 def _int_list(text: str) -> list[int]:
@@ -26,15 +26,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="model file (.pt from export_model) or preset name (vitbn, ...)")
     p.add_argument("--train-epochs", type=int, help="train the preset for this many epochs first (engine's fit)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        type=key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a model field of the preset, e.g. --set depth=2 (repeatable)",
-    )
+    add_set_argument(p, help="override a model field of the preset, e.g. --set depth=2 (repeatable)")
     p.add_argument("--batch-size", type=int, default=100, help="training batch size for --train-epochs")
     p.add_argument("--lr", type=float, default=None, help="learning rate for --train-epochs (default: the engine's)")
     p.add_argument("--dataset", default="mnist", help="dataset name, npz:PATH or folder:PATH")
