@@ -17,6 +17,7 @@ from vitbn.config import TrainConfig
 from vitbn.engine.device import make_amp
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import synchronize
+from vitbn.errors import first_line as message_line
 from vitbn.models import VisionTransformer, forward_flops
 
 MODES = ("train", "infer", "infer_folded")
@@ -38,8 +39,7 @@ _WINDOW = "vitbn.bench.memory_window"
 
 def first_line(exc: BaseException) -> str:
     """``ExcType: first line of the message``, short enough for a table cell."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {message_line(exc)[:120]}" if str(exc).strip() else type(exc).__name__
 
 
 def batch_for(model: VisionTransformer, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from vitbn.bench.system import environment, tune_cpu_allocator
 from vitbn.bench.timing import Case, interleave, matmul_case, paired_ratio, summarize, warm_up
 from vitbn.config import PRECISIONS
 from vitbn.engine.device import resolve_device
-from vitbn.errors import UserError
+from vitbn.errors import UserError, first_line
 from vitbn.models import create_model, list_models
 
 # The study's depths: the ViT with 6 blocks against BN models with 1; "equal" compares all at the ViT's.
@@ -189,7 +189,7 @@ def time_loader(batch_size: int, device: torch.device, epochs: int = 3, max_batc
     try:
         data = load_dataset("mnist")
     except (UserError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:160]
+        reason = first_line(exc)[:160]
         return {"status": f"n/a (MNIST: {reason})", "epoch_s": None, "images": None, "samples": []}
     loader = InMemoryLoader(
         data.train, batch_size=batch_size, mean=data.mean, std=data.std, shuffle=True, device=device,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitbn.errors import UserError
+from vitbn.errors import UserError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -101,7 +101,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or unsafe content
-        raise UserError(f"checkpoint {path} cannot be read: {_first_line(exc)}") from None
+        raise UserError(f"checkpoint {path} cannot be read: {first_line(exc)}") from None
     missing = {"model", "optimizer", "epoch", "history", "config", "rng"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise UserError(f"checkpoint {path} is not a vitbn checkpoint (missing {sorted(missing)})")
@@ -136,17 +136,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     try:
         saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise UserError(f"model file {path} cannot be read: {_first_line(exc)}") from None
+        raise UserError(f"model file {path} cannot be read: {first_line(exc)}") from None
     if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
         raise UserError(f"model file {path} is not a vitbn model (expected keys 'config' and 'state_dict')")
     try:
         model = build_model(from_dict(ModelConfig, saved["config"]))
         model.load_state_dict(saved["state_dict"])
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise UserError(f"model file {path} does not match its config: {_first_line(exc)}") from None
+        raise UserError(f"model file {path} does not match its config: {first_line(exc)}") from None
     return model.to(map_location).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

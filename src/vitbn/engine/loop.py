@@ -40,7 +40,7 @@ from vitbn.engine.setup import (
 )
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
-from vitbn.errors import UserError
+from vitbn.errors import UserError, first_line
 from vitbn.tracking import MemoryTracker, Tracker, make_tracker
 from vitbn.tracking.env import environment_tags
 
@@ -179,7 +179,7 @@ class _Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
-                f"checkpoint {path} does not fit this model/optimizer: {str(exc).splitlines()[0]}"
+                f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}"
             ) from None
         if self.scheduler is not None and ckpt.get("scheduler"):
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -192,7 +192,7 @@ class _Run:
         try:
             return torch.compile(module)
         except Exception as exc:  # e.g. an unsupported Python version or platform
-            warnings.warn(f"torch.compile failed ({_first_line(exc)}); training the eager model", stacklevel=3)
+            warnings.warn(f"torch.compile failed ({first_line(exc)}); training the eager model", stacklevel=3)
             return module
 
     def fit(self, parent_run_id: str | None, on_epoch: Callable[[dict], None] | None) -> FitResult:
@@ -297,7 +297,7 @@ class _Run:
         return out
 
     def _compile_failed(self, stage: str, exc: Exception) -> nn.Module:
-        warnings.warn(f"torch.compile failed in {stage} ({_first_line(exc)}); using the eager model", stacklevel=4)
+        warnings.warn(f"torch.compile failed in {stage} ({first_line(exc)}); using the eager model", stacklevel=4)
         return self.train_net if stage == "train" else self.model
 
     def _evaluate(self, loader) -> dict:
@@ -398,8 +398,3 @@ class _Run:
             except Exception:
                 if not quiet:
                     raise
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
