@@ -273,3 +273,28 @@ def test_json_has_no_nan_and_bad_files_are_one_line_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match=r"benchmark file .*bad.json is not valid JSON"):
         load_json(tmp_path / "bad.json")
+
+
+def test_recipe_section_pairs_parallel_with_sequential_and_hmlp_with_linear(cli_run):
+    text, result = cli_run
+    section = result["recipes"]
+    blocks = [r for r in section["rows"] if r["what"] == "blocks"]
+    assert {(r["model"], r["variant"], r["batch"]) for r in blocks} == {
+        (m, v, b) for m in ("vit", "vitbn") for v in ("sequential 6x1", "parallel 3x2") for b in (1, 256)
+    }
+    for r in blocks:  # equal parameters and FLOPs; latency is the time of one call
+        seq = next(
+            s for s in blocks if (s["model"], s["batch"], s["variant"]) == (r["model"], r["batch"], "sequential 6x1")
+        )
+        assert (r["params"], r["flops_img"]) == (seq["params"], seq["flops_img"])
+        assert r["ms"] == pytest.approx(1000.0 * r["batch"] / r["img_s"])
+    stems = section["stems"]
+    assert set(stems) == {"vit linear", "vit hmlp", "vitbn linear", "vitbn hmlp"}
+    assert all(s["analytic"] == s["counted"] for s in stems.values())
+    assert stems["vit linear"]["analytic"] == 2 * 49 * 16 * 16  # 49 patches of 4x4 pixels -> 16 dims
+    ratios = {r["what"] for r in section["ratios"]}
+    assert "vit parallel 3x2 / sequential 6x1 fp32 infer b1" in ratios
+    assert "vitbn hmlp / linear fp32 train b8" in ratios
+    assert "recipes (eager, interleaved" in text and "vit    parallel 3x2     fp32 infer     1" in text
+    assert "vit parallel 3x2 / sequential 6x1 fp32 infer b1" in text
+    assert text.split("stem FLOPs per image")[1].count(" == ") == 4

@@ -1,5 +1,6 @@
-"""The attention layouts chosen for speed (``Attention._per_head``, ``Attention._batched``, the fp32 softmax of
-half-precision scores) compute the same function and the same gradients as the textbook formulation."""
+"""The attention layouts chosen for speed (``_per_head``, ``_batched``, the fused kernel, the fp32 softmax of
+half-precision scores), for one branch and for the K branches of a parallel stage, compute the same function
+and the same gradients as the textbook formulation."""
 
 from __future__ import annotations
 
@@ -7,43 +8,54 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitbn.models import create_model
-from vitbn.models.layers import Attention, _softmax
+from vitbn.models import create_model, layers
+from vitbn.models.layers import _softmax
 
 TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
 
 
-def textbook(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vit-pytorch's formulation: chunk, (B, H, N, Dh) heads, matmul -> softmax -> matmul."""
-    b, n, _ = qkv.shape
-    q, k, v = (t.reshape(b, n, attn.heads, attn.dim_head).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    weights = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
-    return (weights @ v).transpose(1, 2).reshape(b, n, -1), weights
+def textbook(qkv: torch.Tensor, heads: int, dim_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vit-pytorch's formulation on every branch of (K, B, N, 3*H*Dh): chunk, (B, H, N, Dh) heads, matmul ->
+    softmax -> matmul; branch outputs concatenated, weights (B, K*H, N, N)."""
+    outs, maps = [], []
+    for branch in qkv:
+        b, n, _ = branch.shape
+        q, k, v = (t.reshape(b, n, heads, dim_head).transpose(1, 2) for t in branch.chunk(3, dim=-1))
+        weights = (q @ k.transpose(-1, -2) * dim_head**-0.5).softmax(dim=-1)
+        outs.append((weights @ v).transpose(1, 2).reshape(b, n, -1))
+        maps.append(weights)
+    return torch.cat(outs, dim=-1), torch.cat(maps, dim=1)
 
 
-@pytest.mark.parametrize("path", ["_per_head", "_batched"])
+@pytest.mark.parametrize("path", ["_per_head", "_batched", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_layouts_match_the_textbook_formulation(path, dtype):
-    attn = create_model("vit", **TINY).transformer.layers[0].attn.to(dtype)
-    qkv = torch.randn(3, 17, 3 * 2 * 8, dtype=dtype, requires_grad=True)
-    grad = torch.randn(3, 17, 16, dtype=dtype)
-    out, weights = getattr(attn, path)(qkv)
+@pytest.mark.parametrize("branches", [1, 3])
+def test_layouts_match_the_textbook_formulation(path, dtype, branches, monkeypatch):
+    qkv = torch.randn(branches, 3, 17, 3 * 2 * 8, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 17, branches * 16, dtype=dtype)
+    if path == "_per_head":  # the path the explicit attention takes in fp32
+        monkeypatch.setattr(layers, "_batched", None)
+    if path == "_batched":
+        monkeypatch.setattr(layers, "_per_head", layers._batched)
+    out, weights = layers.attend(qkv, 2, 8, 8**-0.5, torch.nn.Identity(), explicit=path != "sdpa", dropout_p=0.0)
     (g,) = torch.autograd.grad(out, qkv, grad)
-    ref_out, ref_weights = textbook(attn, qkv)
+    ref_out, ref_weights = textbook(qkv, 2, 8)
     (ref_g,) = torch.autograd.grad(ref_out, qkv, grad)
     assert_close(out, ref_out)
-    assert_close(weights, ref_weights)
     assert_close(g, ref_g)
+    if path == "sdpa":
+        assert weights is None
+    else:
+        assert_close(weights, ref_weights)
 
 
-def test_half_precision_training_takes_the_batched_layout_and_agrees_with_fp32():
+def test_half_precision_training_takes_the_batched_layout_and_agrees_with_fp32(monkeypatch):
     model = create_model("vit", **TINY)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    attn = model.transformer.layers[0].attn
     seen = []
     for name in ("_batched", "_per_head"):
-        method = getattr(attn, name)
-        setattr(attn, name, lambda qkv, m=method, n=name: (seen.append(n), m(qkv))[1])
+        method = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, m=method, n=name: (seen.append(n), m(*a))[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     loss.backward()
@@ -51,7 +63,7 @@ def test_half_precision_training_takes_the_batched_layout_and_agrees_with_fp32()
     model.zero_grad()
     ref_loss = torch.nn.functional.cross_entropy(model(x), y)
     ref_loss.backward()
-    assert seen == ["_batched", "_per_head"]  # bf16 training, then fp32 training
+    assert seen == ["_batched", "_per_head"]  # bf16 training, then fp32 training (one block: one call each)
     assert_close(loss, ref_loss, rtol=0.05, atol=0.05)
     for g, ref in zip(grads, (p.grad for p in model.parameters())):
         assert_close(g, ref, rtol=0.1, atol=0.05)

@@ -30,6 +30,8 @@ from vitbn.errors import UserError
 from vitbn.models import create_model
 
 TINY = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32)
+# The recipes too: parallel branches (one BN per branch) and an hMLP stem (BatchNorm2d).
+RECIPES = dict(TINY, depth=1, parallel=2, stem="hmlp", patch_size=4)
 BATCH = 8
 
 
@@ -128,6 +130,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         with torch.no_grad():  # the global batch on every rank (same parameters everywhere)
             step["after"] = nn.functional.cross_entropy(unwrap(model)(x), y).item()
         result[sync] = {**step, "converted": converted}
+    torch.manual_seed(0)
+    model = wrap_ddp(create_model("vitbn", **RECIPES).train(), sync_bn=True, device="cpu")
+    result["recipes"] = {**_one_step(model, local_x, local_y),
+                         "converted": sum(isinstance(m, AllReduceSyncBatchNorm) for m in model.modules())}  # fmt: skip
     destroy_distributed()
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
@@ -155,6 +161,16 @@ def test_ddp_with_sync_bn_matches_one_process(tmp_path):
     for key, value in single["grads"].items():  # DDP averages the ranks' gradients: the global batch's gradient
         assert_close(sync["grads"][key], value, rtol=1e-4, atol=1e-6)
     assert_close(sync["after"], single["after"], rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(0)
+    single_recipes = _one_step(create_model("vitbn", **RECIPES).train(), x, y)
+    recipes = ranks[0]["recipes"]
+    # stem: 2 BatchNorm2d; stage: 2 branches x (attention pre-norm + inner norm); final norm
+    assert recipes["converted"] == 7
+    for key, value in single_recipes["stats"].items():
+        assert_close(recipes["stats"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in single_recipes["grads"].items():
+        assert_close(recipes["grads"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
     plain = ranks[0][False]  # each rank normalizes its own half: different statistics
     key = "transformer.norm.bn.running_var"

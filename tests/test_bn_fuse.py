@@ -31,7 +31,7 @@ def _nontrivial(model: VisionTransformer) -> VisionTransformer:
     """Random affine parameters and running statistics away from 0/1 (train-mode forwards), then eval."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
+            if isinstance(m, (_BatchNorm, nn.LayerNorm)):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.5)
         model.train()
@@ -41,7 +41,12 @@ def _nontrivial(model: VisionTransformer) -> VisionTransformer:
 
 
 @pytest.mark.parametrize("depth", [1, 3])
-@pytest.mark.parametrize("extra", [{}, {"bn_stats": "scalar"}, {"pool": "mean"}], ids=["feature", "scalar", "mean"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"bn_stats": "scalar"}, {"pool": "mean"}, {"parallel": 2}, {"stem": "hmlp", "patch_size": 4},
+     {"stem": "conv", "patch_size": 4}, {"parallel": 3, "stem": "hmlp", "patch_size": 4, "layer_scale": 0.3}],
+    ids=["feature", "scalar", "mean", "parallel", "hmlp", "conv", "parallel-hmlp-ls"],
+)  # fmt: skip
 @pytest.mark.parametrize("name", ["vit", "vitbnffn", "vitbn"])
 def test_fused_model_matches_original(tiny_overrides, name, extra, depth):
     model = _nontrivial(create_model(name, **{**tiny_overrides, **extra, "depth": depth}))

@@ -51,7 +51,10 @@ def _stats_of_concatenated_inputs(model: nn.Module, batches: list[torch.Tensor])
     return out
 
 
-@pytest.mark.parametrize(("extra", "ghost"), [({}, None), ({"bn_stats": "scalar"}, None), ({}, 2)])
+@pytest.mark.parametrize(
+    ("extra", "ghost"),
+    [({}, None), ({"bn_stats": "scalar"}, None), ({}, 2), ({"parallel": 2}, None), ({"parallel": 2}, 2)],
+)
 def test_precise_stats_equal_stats_of_concatenated_inputs(tiny_overrides, extra, ghost):
     model = create_model("vitbn", **{**tiny_overrides, **extra}, ghost_batch_size=ghost).eval()
     batches = [_images(b) for b in (3, 5, 8)]  # unequal sizes: pooling must weight by rows

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import yaml
 
 NORMS = ("layer", "batch", "none")
+NORM_SLOTS = ("embed_norm", "attn_norm", "ffn_norm", "ffn_inner_norm", "final_norm")
+STEMS = ("linear", "hmlp", "conv")
 POOLS = ("cls", "mean")
 POS_EMBS = ("learn", "pe1d", "pe2d")
 BN_STATS = ("feature", "scalar")
@@ -38,6 +40,63 @@ def _positive(field_name: str, value: Any) -> None:
 def _non_negative(field_name: str, value: float) -> None:
     if value < 0:
         raise ValueError(f"{field_name}={value!r} must be >= 0")
+
+
+# The study's MNIST hyperparameters (vit-pytorch keywords), shared by the three presets.
+STUDY_MNIST: dict[str, Any] = dict(
+    image_size=28, patch_size=7, channels=1, num_classes=10, dim=64, depth=6, heads=8, dim_head=64, mlp_dim=128,
+    dropout=0.0, emb_dropout=0.0, pool="cls", pos_emb="learn",
+)  # fmt: skip
+
+# Norm placement of each variant (see the study): ViTBNFFN keeps LayerNorm before attention and puts a
+# BatchNorm inside the FFN instead of in front of it; ViTBN replaces every LayerNorm by token BatchNorm.
+VARIANT_NORMS: dict[str, dict[str, str]] = {
+    "vit": dict(embed_norm="layer", attn_norm="layer", ffn_norm="layer", ffn_inner_norm="none", final_norm="layer"),
+    "vitbnffn": dict(
+        embed_norm="layer", attn_norm="layer", ffn_norm="none", ffn_inner_norm="batch", final_norm="layer"
+    ),
+    "vitbn": dict(embed_norm="batch", attn_norm="batch", ffn_norm="none", ffn_inner_norm="batch", final_norm="batch"),
+}
+
+# Preset name -> ModelConfig defaults. ``vitbn.models.register_model`` adds to it.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {name: {**STUDY_MNIST, **norms} for name, norms in VARIANT_NORMS.items()}
+
+
+def model_name(base: str, norms: dict[str, str]) -> str:
+    """The name that describes a model built from preset ``base`` with the norm placement ``norms``.
+
+    The preset's own name when the norms are the preset's; the study variant whose placement they are (a ``vit``
+    preset with every norm of ViTBN is ``vitbn``); else the preset and the slots that differ, e.g.
+    ``vit+attn_norm=batch``. So a run never logs a model holding BatchNorm as plain ``vit``.
+    """
+    preset = MODEL_PRESETS.get(base)
+    if preset is None:
+        return base
+    own = {slot: preset.get(slot, getattr(ModelConfig, slot)) for slot in NORM_SLOTS}
+    if norms == own:
+        return base
+    for variant, placement in VARIANT_NORMS.items():
+        if norms == placement:
+            return variant
+    return base + "".join(f"+{slot}={kind}" for slot, kind in norms.items() if kind != own[slot])
+
+
+def hmlp_factors(patch: int) -> tuple[int, ...]:
+    """The kernel sizes of the hMLP stem's stages for a square patch: up to two trailing 2x2 merges after a
+    first stage that takes the rest (the paper's 16 = 4x2x2; 4 = 2x2, 8 = 2x2x2, 14 = 7x2), else the smallest
+    split (9 = 3x3). A patch with no split (a prime) raises a ValueError that suggests one."""
+    rest, twos = patch, 0
+    while twos < 2 and rest % 2 == 0 and rest > 2:
+        rest, twos = rest // 2, twos + 1
+    if twos:
+        return (rest, *(2,) * twos)
+    for small in range(2, int(patch**0.5) + 1):
+        if patch % small == 0:
+            return (patch // small, small)
+    raise ValueError(
+        f"stem='hmlp' splits the patch into stages (4 = 2x2, 14 = 7x2, 16 = 4x2x2) but patch_size={patch} has "
+        "no factors: use patch_size 4 (49 tokens on 28x28 images) or 14"
+    )
 
 
 def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -78,6 +137,11 @@ class ModelConfig:
     bn_momentum: float = 0.1
     ghost_batch_size: int | None = None  # BN statistics over sub-batches of this many images (ghost BN)
     attn_impl: str = "auto"  # "sdpa" fused kernel, "explicit" matmul-softmax-matmul, "auto": fastest measured
+    # Recipes of Touvron et al. 2022 ("Three things everyone should know about ViTs") and CaiT/DeiT III.
+    parallel: int = 1  # branches per stage: x = x + sum_i MHSA_i(x); x = x + sum_i FFN_i(x); depth counts stages
+    layer_scale: float | None = None  # LayerScale init value (per-channel scale on every residual branch); None: off
+    drop_path: float = 0.0  # stochastic depth: max rate, rising linearly over the stages (0 at the first)
+    stem: str = "linear"  # "linear" patch embedding | "hmlp" hierarchical MLP (patches stay independent) | "conv"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):
@@ -111,6 +175,24 @@ class ModelConfig:
             raise ValueError(f"bn_momentum={self.bn_momentum!r} must be in [0, 1]")
         if self.ghost_batch_size is not None:
             _positive("ghost_batch_size", self.ghost_batch_size)
+        self._check_recipes(ph, pw)
+        self.name = model_name(self.name.split("+")[0], {slot: getattr(self, slot) for slot in NORM_SLOTS})
+
+    def _check_recipes(self, ph: int, pw: int) -> None:
+        _positive("parallel", self.parallel)
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise ValueError(f"layer_scale={self.layer_scale!r} must be > 0 or null (off)")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path={self.drop_path!r} must be in [0, 1)")
+        _choice("stem", self.stem, STEMS)
+        if self.stem != "linear" and ph != pw:
+            raise ValueError(f"stem={self.stem!r} needs a square patch, got patch_size={self.patch_size!r}")
+        if self.stem == "hmlp":
+            hmlp_factors(ph)
+        if self.stem == "conv" and ph % 2:
+            raise ValueError(
+                f"stem='conv' halves the image with stride-2 convolutions: patch_size={ph} must be even (e.g. 4)"
+            )
 
     @property
     def has_class_token(self) -> bool:
@@ -127,8 +209,21 @@ class ModelConfig:
 
     @property
     def uses_batchnorm(self) -> bool:
-        norms = (self.embed_norm, self.attn_norm, self.ffn_norm, self.ffn_inner_norm, self.final_norm)
-        return "batch" in norms
+        return "batch" in (getattr(self, slot) for slot in NORM_SLOTS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A preset's defaults with fields overridden, e.g. ``ModelConfig.from_preset("vitbn", depth=1)``; the
+        name describes the result (see ``model_name``)."""
+        base, *changes = name.split("+")
+        norms = dict(change.partition("=")[::2] for change in changes)  # "vit+attn_norm=batch": the name it logs
+        if base not in MODEL_PRESETS or not set(norms) <= set(NORM_SLOTS):
+            raise ValueError(f"model={name!r} is not one of {', '.join(repr(n) for n in sorted(MODEL_PRESETS))}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed: {', '.join(sorted(fields))}")
+        return cls(**{**MODEL_PRESETS[base], **norms, **overrides, "name": base})
 
 
 @dataclass
@@ -251,13 +346,13 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: model, data, train, track, hpo")
         model = dict(data.get("model") or {})
-        if model.get("name") not in (None, "custom"):
-            from vitbn.models.registry import preset_config
-
-            base = to_dict(preset_config(model["name"]))
-            model = {**base, **model}
+        name = model.pop("name", None)
+        if name not in (None, "custom"):
+            model_config = ModelConfig.from_preset(name, **model)
+        else:
+            model_config = from_dict(ModelConfig, model)
         return cls(
-            model=from_dict(ModelConfig, model),
+            model=model_config,
             data=from_dict(DataConfig, data.get("data") or {}),
             train=from_dict(TrainConfig, data.get("train") or {}),
             track=from_dict(TrackConfig, data.get("track") or {}),

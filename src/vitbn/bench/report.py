@@ -89,6 +89,10 @@ def format_report(result: dict) -> str:
     ]
     if result["comparisons"]:
         out += ["", "paired ratios (median over interleaved rounds):", format_comparisons(result["comparisons"])]
+    if result.get("recipes"):
+        from vitbn.bench.recipes import format_recipes
+
+        out += ["", format_recipes(result["recipes"])]
     loader = result.get("loader")
     if loader:
         detail = f"{loader['epoch_s']:.3f} s per epoch of {loader['images']} images" if loader["epoch_s"] else ""

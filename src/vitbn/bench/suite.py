@@ -48,6 +48,7 @@ class BenchOptions:
     profile_norms: bool = True  # profile operator-time shares (norms, matmuls, ...) of the eager cases
     profile_iters: int = 3  # profiled calls per case for those shares
     tune_allocator: bool = False  # vitbn.bench.system.tune_cpu_allocator() before measuring
+    recipes: bool = True  # the recipe section: parallel vs sequential blocks, hMLP vs linear stem
     overrides: dict = field(default_factory=dict)  # ModelConfig fields for every model (tests, studies)
 
     @classmethod
@@ -302,6 +303,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
             measured[spec], extras[spec] = prepare(spec, options, device, compile_error)
         log(f"timing {len(measured)} cases in {options.repeats} interleaved rounds ...")
         interleave([*peaks.values(), *measured.values()], options.repeats)
+        recipes = _recipes(options, device, log) if options.recipes else None
     loader = time_loader(options.batch_size, device, options.loader_epochs) if options.loader else None
     meta = {
         **env,
@@ -320,4 +322,18 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         "loader": loader,
         "rows": rows,
         "comparisons": comparisons(measured, extras),
+        "recipes": recipes,
     }
+
+
+def _recipes(options: BenchOptions, device: torch.device, log: Callable[[str], None]) -> dict:
+    """The recipe section for the ViT and ViTBN among ``options.models`` (else the first model), quick or full
+    as the main table (``quick`` runs fewer layouts and batches)."""
+    from vitbn.bench.recipes import RecipeOptions, run_recipes
+
+    models = tuple(m for m in options.models if m in ("vit", "vitbn")) or options.models[:1]
+    quick = options.repeats <= 3 and not options.compile
+    make = RecipeOptions.quick if quick else RecipeOptions
+    recipe = make(models=models, precisions=options.precisions, train_batch=options.batch_size,
+                  overrides=tuple(options.overrides.items()))  # fmt: skip
+    return run_recipes(recipe, device, options.repeats, options.warmup, options.min_repeat_s, log)

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitbn.bn.frozen import FrozenBatchNorm
+from vitbn.models.blocks import ParallelBlock
+from vitbn.models.layers import BranchLinear, PatchEmbed
 from vitbn.models.norms import TokenBatchNorm
 from vitbn.models.vit import VisionTransformer
 
@@ -41,39 +43,81 @@ def _token_bn_map(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tens
     return scale.expand(width), shift.expand(width)  # a scalar-stats BN has (1,): the same map on every feature
 
 
-def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    ref = linear.weight
-    linear.weight = nn.Parameter(weight.to(ref.dtype), requires_grad=ref.requires_grad)
-    linear.bias = nn.Parameter(bias.to(ref.dtype), requires_grad=ref.requires_grad)  # to_qkv gains a bias
+def _before(affine, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm ``x * scale + shift`` folded into the (out, in) map ``w x + b`` after it."""
+    scale, shift = affine
+    return w * scale[None, :], b + w @ shift
 
 
-def _bias64(linear: nn.Linear) -> torch.Tensor:
-    if linear.bias is None:
-        return linear.weight.new_zeros(linear.out_features, dtype=torch.float64)
-    return linear.bias.double()
+def _after(affine, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm folded into the map before it; ``w`` (out, ...) may be a Linear's or a convolution's weight."""
+    scale, shift = affine
+    return w * scale.reshape(-1, *(1,) * (w.dim() - 1)), b * scale + shift
 
 
-def _fold_before(parent: nn.Module, name: str, linear: nn.Linear) -> bool:
-    """Folds the norm ``parent.<name>`` that feeds ``linear``; True if it was a BatchNorm."""
-    affine = _token_bn_map(getattr(parent, name), linear.in_features)
+def _set_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    ref = module.weight
+    module.weight = nn.Parameter(weight.to(ref.dtype), requires_grad=ref.requires_grad)
+    module.bias = nn.Parameter(bias.to(ref.dtype), requires_grad=ref.requires_grad)  # to_qkv gains a bias
+
+
+def _bias64(module: nn.Module, out_shape: tuple[int, ...]) -> torch.Tensor:
+    if module.bias is None:
+        return module.weight.new_zeros(out_shape, dtype=torch.float64)
+    return module.bias.double()
+
+
+def _fold_linear(parent: nn.Module, name: str, linear: nn.Linear, fold) -> bool:
+    """Folds the norm ``parent.<name>`` into ``linear`` (``fold``: ``_before`` or ``_after`` it); True if it
+    was a BatchNorm, which becomes an Identity."""
+    width = linear.in_features if fold is _before else linear.out_features
+    affine = _token_bn_map(getattr(parent, name), width)
     if affine is None:
         return False
-    scale, shift = affine
-    w = linear.weight.double()
-    _set_linear(linear, w * scale[None, :], _bias64(linear) + w @ shift)
+    _set_params(linear, *fold(affine, linear.weight.double(), _bias64(linear, (linear.out_features,))))
     setattr(parent, name, nn.Identity())
     return True
 
 
-def _fold_after(parent: nn.Module, name: str, linear: nn.Linear) -> bool:
-    """Folds the norm ``parent.<name>`` that consumes ``linear``'s output; True if it was a BatchNorm."""
-    affine = _token_bn_map(getattr(parent, name), linear.out_features)
-    if affine is None:
+def _fold_branches(norms: nn.ModuleList, linear: BranchLinear, fold) -> bool:
+    """Folds the K norms of a parallel stage into the K branches of ``linear``."""
+    width = linear.in_features if fold is _before else linear.out_features
+    affines = [_token_bn_map(norm, width) for norm in norms]
+    if any(a is None for a in affines):
         return False
-    scale, shift = affine
-    _set_linear(linear, linear.weight.double() * scale[:, None], _bias64(linear) * scale + shift)
-    setattr(parent, name, nn.Identity())
+    bias = _bias64(linear, (linear.branches, linear.out_features))
+    folded = [fold(a, linear.weight[k].double(), bias[k]) for k, a in enumerate(affines)]
+    _set_params(linear, torch.stack([w for w, _ in folded]), torch.stack([b for _, b in folded]))
+    for k in range(len(norms)):
+        norms[k] = nn.Identity()
     return True
+
+
+def _fold_stem(stem: nn.Module) -> bool:
+    """Folds every BatchNorm2d of a conv/hMLP stem into the convolution before it."""
+    layers, found = stem.proj, False
+    for i in range(1, len(layers)):
+        conv, bn = layers[i - 1], layers[i]
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
+            affine = bn_scale_shift(bn)
+            _set_params(conv, *_after(affine, conv.weight.double(), _bias64(conv, (conv.out_channels,))))
+            layers[i], found = nn.Identity(), True
+    return found
+
+
+def _fold_block(block: nn.Module) -> set[str]:
+    attn, ff, folded = block.attn, block.ff, set()
+    if isinstance(block, ParallelBlock):
+        pairs = [("attn_norm", attn.norms, attn.to_qkv, _before), ("ffn_norm", ff.norms, ff.fc1, _before),
+                 ("ffn_inner_norm", ff.inner_norms, ff.fc1, _after)]  # fmt: skip
+        return {slot for slot, norms, linear, fold in pairs if _fold_branches(norms, linear, fold)}
+    if _fold_linear(attn, "norm", attn.to_qkv, _before):
+        folded.add("attn_norm")
+    if _fold_linear(ff, "norm", ff.fc1, _before):
+        folded.add("ffn_norm")
+    if _fold_linear(ff, "inner_norm", ff.fc1, _after):
+        folded.add("ffn_inner_norm")
+    return folded
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -85,7 +129,8 @@ def fuse_bn(model: nn.Module) -> VisionTransformer:
     """An inference copy of ``model`` with every BatchNorm folded into its neighbouring Linear.
 
     Folded: the patch embedding's ``norm_in`` (into ``proj``, before it) and ``norm_out`` (into ``proj``,
-    after it); per block the attention pre-norm (into ``to_qkv``, which gains a bias), the feed-forward
+    after it), or every BatchNorm2d of an hMLP/conv stem (into the convolution before it); per block (per branch
+    of a parallel stage) the attention pre-norm (into ``to_qkv``, which gains a bias), the feed-forward
     pre-norm (into ``fc1``) and the inner norm after ``fc1`` (into ``fc1``); the final norm (into ``mlp_head``:
     only the head consumes the transformer's output, and both CLS and mean pooling commute with a per-feature
     affine map). Folded norms become ``nn.Identity``, so the copy is a plain ``VisionTransformer`` whose
@@ -104,17 +149,14 @@ def fuse_bn(model: nn.Module) -> VisionTransformer:
     fused = copy.deepcopy(model).eval()
     folded = set()
     pe = fused.to_patch_embedding
-    if _fold_before(pe, "norm_in", pe.proj) | _fold_after(pe, "norm_out", pe.proj):
+    if isinstance(pe, PatchEmbed):
+        if _fold_linear(pe, "norm_in", pe.proj, _before) | _fold_linear(pe, "norm_out", pe.proj, _after):
+            folded.add("embed_norm")
+    elif _fold_stem(pe):
         folded.add("embed_norm")
     for block in fused.transformer.layers:
-        attn, ff = block.attn, block.ff
-        if _fold_before(attn, "norm", attn.to_qkv):
-            folded.add("attn_norm")
-        if _fold_before(ff, "norm", ff.fc1):
-            folded.add("ffn_norm")
-        if _fold_after(ff, "inner_norm", ff.fc1):
-            folded.add("ffn_inner_norm")
-    if _fold_before(fused.transformer, "norm", fused.mlp_head):
+        folded |= _fold_block(block)
+    if _fold_linear(fused.transformer, "norm", fused.mlp_head, _before):
         folded.add("final_norm")
     left = [name for name, m in fused.named_modules() if _is_batchnorm(m)]
     if left:

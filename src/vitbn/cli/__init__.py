@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError) as exc:
         if os.environ.get("VITBN_DEBUG"):
             raise
-        print(f"vitbn {args.command}: error: {exc}", file=sys.stderr)
+        from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, flag_error
+
+        print(f"vitbn {args.command}: error: {flag_error(str(exc), args, (MODEL_FLAGS, RUN_FLAGS))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitbn {args.command}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from vitbn.cli.args import add_set_argument
+from vitbn.cli.flags import MODEL_FLAGS, add_flags, given, pick
 
 if TYPE_CHECKING:
     from vitbn.bench import BenchOptions
@@ -75,7 +76,10 @@ def register(subparsers) -> None:
         default=None,
         help="raise glibc's mmap/trim thresholds first (vitbn.bench.tune_cpu_allocator; default no)",
     )
+    p.add_argument("--no-recipes", dest="recipes", action="store_false", default=None,
+                   help="skip the recipe section (parallel vs sequential blocks, hMLP vs linear stem)")  # fmt: skip
     add_set_argument(p, help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)")
+    add_flags(p.add_argument_group("model knobs for every model (as --set)"), BENCH_MODEL_FLAGS)
     p.add_argument("--out", help="write the result as JSON to this file")
     p.set_defaults(func=run)
 
@@ -98,7 +102,10 @@ _FIELDS = (
     "loader_epochs",
     "profile_norms",
     "profile_iters",
+    "recipes",
 )
+# The shared model flags, but the bench's own --models and --depths choose the presets and depths.
+BENCH_MODEL_FLAGS = pick(MODEL_FLAGS, drop=("--model", "--depth"))
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -111,7 +118,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
             changes[name] = tuple(changes[name])
     if args.tune_allocator is not None:
         changes["tune_allocator"] = args.tune_allocator
-    changes["overrides"] = dict(args.overrides)
+    changes["overrides"] = {**dict(args.overrides), **given(args, BENCH_MODEL_FLAGS).get("model", {})}
     return BenchOptions.quick(**changes) if args.quick else BenchOptions(**changes)
 
 

@@ -6,27 +6,22 @@ import argparse
 import logging
 import sys
 
-from vitbn.config import DEVICES
+from vitbn.cli.flags import MODEL_FLAGS, Flag, add_flags, given, pick
+from vitbn.cli.flags import RUN_FLAGS as TABLE_RUN_FLAGS
 
-# flag -> (section, field, argparse keywords): shared settings written over the preset's ``run``.
-RUN_FLAGS: dict[str, tuple[str, str, dict]] = {
-    "--train-subset": ("data", "train_subset", dict(type=int, help="use the first N training images")),
-    "--test-subset": ("data", "test_subset", dict(type=int, help="use the first N test images")),
-    "--val-size": ("data", "val_size", dict(type=int, help="training images held out for validation")),
-    "--data-root": ("data", "root", dict(help="folder holding mnist/ (default $VITBN_DATA)")),
-    "--max-steps": ("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch (smoke runs)")),
-    "--device": ("train", "device", dict(choices=DEVICES)),
-    "--threads": ("train", "threads", dict(type=int, help="torch.set_num_threads")),
-    "--out-dir": ("train", "out_dir", dict(help="checkpoints go to OUT_DIR/<kind>-<preset>-<hash>/ (default runs)")),
-    "--tracking-uri": ("track", "tracking_uri", dict(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite)")),
-    "--experiment": ("track", "experiment", dict(help="MLflow experiment name (default vitbn)")),
-}
-TUNE_FLAGS: dict[str, tuple[str, str, dict]] = {
-    "--trials": ("hpo", "trials", dict(type=int, help="total trials per model (a larger number continues)")),
-    "--sobol-trials": ("hpo", "sobol_trials", dict(type=int, help="quasi-random trials before BoTorch")),
-    "--trial-epochs": ("hpo", "epochs", dict(type=int, help="epochs per trial")),
-    "--lr-min": ("hpo", "lr_min", dict(type=float, help="lower lr bound (default: the study's per model)")),
-    "--lr-max": ("hpo", "lr_max", dict(type=float, help="upper lr bound")),
+# Shared settings written over the preset's ``run``: the run flags that make sense for a whole experiment, and
+# every model knob but the preset's own (model, depth), for all its models (a model entry's overrides win).
+RUN_FLAGS = {
+    **pick(TABLE_RUN_FLAGS, "--train-subset", "--test-subset", "--val-size", "--data-root", "--max-steps", "--device",
+           "--threads", "--precision", "--out-dir", "--tracking-uri", "--experiment"),
+    **pick(MODEL_FLAGS, drop=("--model", "--depth")),
+}  # fmt: skip
+TUNE_FLAGS: dict[str, Flag] = {
+    "--trials": Flag("hpo", "trials", dict(type=int, help="total trials per model (a larger number continues)")),
+    "--sobol-trials": Flag("hpo", "sobol_trials", dict(type=int, help="quasi-random trials before BoTorch")),
+    "--trial-epochs": Flag("hpo", "epochs", dict(type=int, help="epochs per trial")),
+    "--lr-min": Flag("hpo", "lr_min", dict(type=float, help="lower lr bound (default: the study's per model)")),
+    "--lr-max": Flag("hpo", "lr_max", dict(type=float, help="upper lr bound")),
 }
 
 
@@ -40,21 +35,28 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
     parser.add_argument("--config", default=None, metavar="FILE", help="same as --preset FILE.yaml")
     parser.add_argument("--models", nargs="+", help="keep these models: names (every depth) or labels (vitbn-d1)")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (values, e.g. --seeds 0 1 2)")
-    for flag, (_, _, kwargs) in flags.items():
-        parser.add_argument(flag, default=None, **kwargs)
+    add_flags(parser, flags)
     parser.add_argument("--report-dir", default=None, help="afterwards, build the report into this folder")
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="run an experiment: lr-sweep (study 1) or tune (study 2)")
+    parser = subparsers.add_parser(
+        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2) or recipes"
+    )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
     sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable)")
     _common(sweep, RUN_FLAGS)
     sweep.add_argument("--lr", nargs="+", type=float, help="a subset of the preset's learning rates")
     sweep.add_argument("--epochs", type=int, help="epochs of every training run")
     sweep.set_defaults(func=run_sweep, default_preset="study")
+    recipes = sub.add_parser("recipes", help="Touvron et al.'s recipes (parallel blocks, LayerScale, stochastic "
+                             "depth, hMLP stem) on ViT and ViTBN, with a report")  # fmt: skip
+    _common(recipes, RUN_FLAGS)
+    recipes.add_argument("--full", action="store_true", help="the full-size preset recipes-full (for a GPU)")
+    recipes.add_argument("--epochs", type=int, help="epochs of every training run")
+    recipes.set_defaults(func=run_recipes, default_preset="recipes")
     tune = sub.add_parser("tune", help="Ax/BoTorch tuning of lr and batch size per model, then the tuned models")
     _common(tune, {**RUN_FLAGS, **TUNE_FLAGS})
     tune.add_argument("--final-epochs", type=int, help="epochs of the tuned models' final training")
@@ -79,11 +81,7 @@ def preset_from_args(args: argparse.Namespace, flags: dict):
     if args.preset and args.config:
         raise UserError("give --preset or --config, not both")
     preset = load_preset(args.preset or args.config or args.default_preset)
-    run: dict[str, dict] = {}
-    for flag, (section, name, _) in flags.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            run.setdefault(section, {})[name] = value
+    run = given(args, flags)
     preset = override_preset(
         preset,
         lrs=getattr(args, "lr", None),
@@ -127,6 +125,25 @@ def run_sweep(args: argparse.Namespace) -> int:
         f"{result.count('resume')} resumed, {result.count('done')} already done"
     )
     _report(args, result.parent_id, preset)
+    return 0
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    from vitbn.experiments.lr_sweep import run_lr_sweep
+    from vitbn.experiments.recipes import build_recipes_report
+
+    if args.list:
+        return _list_presets()
+    if args.full:
+        args.default_preset = "recipes-full"
+    _setup_logging()
+    preset = preset_from_args(args, RUN_FLAGS)
+    result = run_lr_sweep(preset, progress=args.progress)
+    print(f"recipes {preset.name}: parent run {result.parent_id}; {result.count('new')} trained, "
+          f"{result.count('resume')} resumed, {result.count('done')} already done")  # fmt: skip
+    out = args.report_dir or f"reports/{preset.name}"
+    report = build_recipes_report(result.parent_id, out, tracking_uri=preset.run.get("track", {}).get("tracking_uri"))
+    print(f"report: {report.markdown} and {report.figure}")
     return 0
 
 

@@ -7,62 +7,23 @@ import argparse
 import shlex
 import sys
 
-from vitbn.config import DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, RunConfig, load_yaml
+from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, add_flags, dest, given
+from vitbn.config import DEVICES, PRECISIONS, RunConfig, load_yaml
 from vitbn.errors import UserError
 
 SECTIONS = ("model", "data", "train", "track", "hpo")
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
-# flag -> (config section, field, argparse keywords). Every default is None: only the flags given override
-# the config file (or the dataclass defaults).
-FLAGS: dict[str, tuple[str, str, dict]] = {
-    "--model": ("model", "name", dict(help="model preset: vit, vitbnffn, vitbn (see `vitbn models`)")),
-    "--depth": ("model", "depth", dict(type=int, help="number of transformer blocks")),
-    "--dataset": ("data", "dataset", dict(help="mnist, a registered dataset, npz:PATH or folder:PATH")),
-    "--data-root": ("data", "root", dict(help="folder holding <dataset>/ (default $VITBN_DATA)")),
-    "--val-size": ("data", "val_size", dict(type=int, help="training images held out for validation")),
-    "--train-subset": ("data", "train_subset", dict(type=int, help="use the first N training images")),
-    "--test-subset": ("data", "test_subset", dict(type=int, help="use the first N test images")),
-    "--epochs": ("train", "epochs", dict(type=int)),
-    "--lr": ("train", "lr", dict(type=float, help="learning rate")),
-    "--batch-size": ("train", "batch_size", dict(type=int)),
-    "--eval-batch-size": ("train", "eval_batch_size", dict(type=int)),
-    "--optimizer": ("train", "optimizer", dict(choices=OPTIMIZERS)),
-    "--weight-decay": ("train", "weight_decay", dict(type=float)),
-    "--schedule": ("train", "schedule", dict(choices=SCHEDULES, help="constant (the study's) or cosine")),
-    "--warmup-epochs": ("train", "warmup_epochs", dict(type=float, help="linear warm-up length")),
-    "--label-smoothing": ("train", "label_smoothing", dict(type=float)),
-    "--grad-clip": ("train", "grad_clip", dict(type=float, help="max global gradient norm")),
-    "--device": ("train", "device", dict(choices=DEVICES)),
-    "--precision": ("train", "precision", dict(choices=PRECISIONS)),
-    "--compile": ("train", "compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile the model")),
-    "--threads": ("train", "threads", dict(type=int, help="torch.set_num_threads")),
-    "--seed": ("train", "seed", dict(type=int)),
-    "--max-steps": ("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch")),
-    "--precise-bn": (
-        "train",
-        "precise_bn",
-        dict(action=argparse.BooleanOptionalAction, help="recompute BN statistics before each evaluation"),
-    ),
-    "--sync-bn": (
-        "train",
-        "sync_bn",
-        dict(action=argparse.BooleanOptionalAction, help="torchrun runs: BatchNorm statistics over all ranks"),
-    ),
-    "--out-dir": ("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
-    "--resume": ("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's checkpoint")),
-    "--tracking-uri": ("track", "tracking_uri", dict(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite)")),
-    "--experiment": ("track", "experiment", dict(help="MLflow experiment name")),
-    "--run-name": ("track", "run_name", dict(help="run name (default <model>-<time>)")),
-}
+# The model knobs and the run settings, from the table ``vitbn experiment`` and ``vitbn bench`` share too.
+FLAGS = {**MODEL_FLAGS, **RUN_FLAGS}
 
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train one model (flags and/or --config FILE.yaml)")
     train.add_argument("--config", metavar="FILE", help="YAML with sections model/data/train/track/hpo")
-    for flag, (_, _, kwargs) in FLAGS.items():
-        train.add_argument(flag, **{"default": None, **kwargs})
+    add_flags(train.add_argument_group("model (see `vitbn models`)"), MODEL_FLAGS)
+    add_flags(train.add_argument_group("data, training, tracking"), RUN_FLAGS)
     train.add_argument("--no-track", action="store_true", help="no MLflow (metrics stay in memory and the run folder)")
     train.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
     train.set_defaults(func=run_train)
@@ -88,17 +49,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if not isinstance(section, dict):
             raise UserError(f"config file {args.config}: section {name!r} must be a mapping")
         merged[name] = dict(section)
-    for flag, (section, key, _) in FLAGS.items():
-        value = getattr(args, _dest(flag))
-        if value is not None:
-            merged[section][key] = value
+    for section, values in given(args, FLAGS).items():
+        merged[section].update(values)
     if args.no_track:
         merged["track"]["enabled"] = False
     return RunConfig.from_dict(merged)
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def resume_command(args: argparse.Namespace, run_name: str) -> str:
@@ -107,11 +62,13 @@ def resume_command(args: argparse.Namespace, run_name: str) -> str:
     if args.config:
         parts += ["--config", args.config]
     for flag in FLAGS:
-        value = getattr(args, _dest(flag))
+        value = getattr(args, dest(flag))
         if value is None or flag in ("--resume", "--run-name"):
             continue
         if isinstance(value, bool):
             parts.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, "x".join(str(v) for v in value)]  # --patch-size 4x4
         else:
             parts += [flag, str(value)]
     if args.no_track:

@@ -71,6 +71,11 @@ def vit_from_vit_pytorch(state_dict: dict[str, torch.Tensor], **vit_kwargs) -> V
         >>> model = vit_from_vit_pytorch(torch.load("vit.pt"), image_size=28, patch_size=7, num_classes=10,
         ...                              dim=64, depth=6, heads=8, mlp_dim=128, channels=1)
     """
+    if vit_kwargs.get("parallel", 1) != 1 or vit_kwargs.get("stem", "linear") != "linear":
+        raise ValueError(
+            "vit-pytorch checkpoints hold sequential blocks and a linear patch embedding: they do not load into "
+            f"parallel={vit_kwargs.get('parallel', 1)}, stem={vit_kwargs.get('stem', 'linear')!r}"
+        )
     if is_old_layout(state_dict):
         vit_kwargs.setdefault("class_token", True)
     model = ViT(**vit_kwargs)

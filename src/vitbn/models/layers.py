@@ -96,67 +96,78 @@ class Attention(nn.Module):
         self.out_drop = dropout_or_identity(dropout) if project_out else nn.Identity()
 
     def use_explicit(self, qkv: torch.Tensor) -> bool:
-        """Whether the explicit path computes attention on the projection ``qkv``. ``"auto"``: explicit on the
-        CPU, the fused kernel elsewhere. For the 17 tokens of the study's ViT on 2 CPU cores the fused kernel took
-        ~3x the time of the explicit path in bf16 training and was within noise in fp32 training. (In fp32
-        inference it measured ~1.1-1.4x faster, but ``torch.utils.flop_counter`` does not count the CPU flash
-        kernel, so ``forward_flops`` would lose the attention FLOPs.)"""
-        if self.impl != "auto":
-            return self.impl == "explicit"
-        return qkv.device.type == "cpu"
+        """Whether the explicit path computes attention on ``qkv`` (see the function ``use_explicit``)."""
+        return use_explicit(self.impl, qkv)
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
         qkv = self.to_qkv(self.norm(x))  # (B, N, 3*H*Dh), features ordered (3, H, Dh)
-        attn = None
-        if return_attn or self.use_explicit(qkv):
-            out, attn = self._explicit(qkv)
-        else:
-            b, n, _ = x.shape
-            # (B, N, 3*H*Dh) -> 3 x (B, H, N, Dh) strided views; the kernel reads them in place
-            q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-            p = self.attn_dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(b, n, -1)
+        out, attn = attend(
+            qkv.unsqueeze(0), self.heads, self.dim_head, self.scale, self.attn_drop,
+            explicit=return_attn or self.use_explicit(qkv), dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # fmt: skip
         out = self.out_drop(self.to_out(out))  # (B, N, H*Dh) -> (B, N, D)
         return (out, attn) if return_attn else out
 
-    def _explicit(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """matmul -> softmax -> matmul; returns the (B, N, H*Dh) output and the (B, H, N, N) weights.
 
-        The layout is chosen per case from CPU measurements (``vitbn bench``, ``benchmarks/``): half-precision
-        training takes the batched layout, everything else one head at a time on strided views. Under
-        ``torch.compile`` the batched layout, the textbook graph, whose copies the compiler fuses.
-        """
-        if torch.compiler.is_compiling() or (qkv.dtype in _HALF and torch.is_grad_enabled()):
-            return self._batched(qkv)
-        return self._per_head(qkv)
+def use_explicit(impl: str, qkv: torch.Tensor) -> bool:
+    """Whether the explicit path computes attention on the projection ``qkv``. ``"auto"``: explicit on the
+    CPU, the fused kernel elsewhere. For the 17 tokens of the study's ViT on 2 CPU cores the fused kernel took
+    ~3x the time of the explicit path in bf16 training and was within noise in fp32 training. (In fp32
+    inference it measured ~1.1-1.4x faster, but ``torch.utils.flop_counter`` does not count the CPU flash
+    kernel, so ``forward_flops`` would lose the attention FLOPs.)"""
+    if impl != "auto":
+        return impl == "explicit"
+    return qkv.device.type == "cpu"
 
-    def _per_head(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (B, N, Dh) slice of the (B, N, 3*H*Dh) projection is a valid ``bmm`` operand as it stands, whereas
-        the (B, H, N, Dh) head layout is not a batch of matrices without copying q, k, v, the output and all
-        their gradients. With glibc's default allocator, whose freed large blocks are page-faulted back in,
-        that measured ~5700 fewer page faults per fp32 training step of the study's ViT (batch 100), and ~1.3x
-        (fp32) and ~1.5x (bf16) the inference throughput at batch 1000; with the allocator tuned
-        (``vitbn.bench.tune_cpu_allocator``) the layouts measured within noise of each other in fp32."""
-        h = self.heads
-        parts = qkv.split(self.dim_head, dim=-1)  # 3*H views (B, N, Dh): q heads, k heads, v heads
-        dots = torch.stack([torch.bmm(parts[i], parts[h + i].transpose(1, 2)) for i in range(h)], dim=1)
-        attn = _softmax(dots * self.scale)  # (B, H, N, N)
-        weights = self.attn_drop(attn)
-        out = torch.cat([torch.bmm(weights[:, i], parts[2 * h + i]) for i in range(h)], dim=-1)  # (B, N, H*Dh)
-        return out, attn
 
-    def _batched(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k, v copied to (B*H, N, Dh) each, then batched products over all heads: in bf16 the small strided
-        products of ``_per_head`` are copied to dense operands one by one (three times as many copies). One
-        copy of each of q, k, v (the reference's graph) rather than one (3, B*H, N, Dh) copy: compiled on 2
-        threads, the latter trained ~10% slower than the reference (two noisy runs), this form on par."""
-        b, n, _ = qkv.shape
-        h, dh = self.heads, self.dim_head
-        q, k, v = (t.view(b, n, h, dh).transpose(1, 2).reshape(b * h, n, dh) for t in qkv.chunk(3, dim=-1))
-        attn = _softmax(torch.bmm(q, k.transpose(1, 2)) * self.scale)  # (B*H, N, N)
-        out = torch.bmm(self.attn_drop(attn), v)  # (B*H, N, Dh)
-        out = out.view(b, h, n, dh).transpose(1, 2).reshape(b, n, h * dh)
-        return out, attn.view(b, h, n, n)
+def attend(
+    qkv: torch.Tensor, heads: int, dim_head: int, scale: float, drop: nn.Module, *, explicit: bool, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention of K branches at once on their projections ``qkv`` (K, B, N, 3*H*Dh), each branch's
+    features ordered (3, H, Dh); K = 1 for a sequential block. The K*H heads run as one batch of heads.
+
+    Returns:
+        The (B, N, K*H*Dh) output, features ordered (K, H, Dh) (what one wide output projection takes), and the
+        (B, K*H, N, N) attention weights of the explicit path (None from the fused kernel).
+    """
+    k, b, n, _ = qkv.shape
+    # (K, B, N, 3*H*Dh) -> 3 x (B, K, H, N, Dh) strided views
+    q, key, v = qkv.view(k, b, n, 3, heads, dim_head).permute(3, 1, 0, 4, 2, 5).unbind(0)
+    if not explicit:  # K = 1: flatten is a view, as are the strided operands the kernel reads in place
+        out = F.scaled_dot_product_attention(q.flatten(1, 2), key.flatten(1, 2), v.flatten(1, 2), dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(b, n, -1), None
+    if torch.compiler.is_compiling() or (qkv.dtype in _HALF and torch.is_grad_enabled()):
+        return _batched(q, key, v, scale, drop)
+    return _per_head(q, key, v, scale, drop)
+
+
+def _per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: nn.Module):
+    """One head at a time: a (B, N, Dh) head of the (B, N, 3*H*Dh) projection is a valid ``bmm`` operand as it
+    stands, whereas the (B, H, N, Dh) head layout is not a batch of matrices without copying q, k, v, the output
+    and all their gradients. With glibc's default allocator, whose freed large blocks are page-faulted back in,
+    that measured ~5700 fewer page faults per fp32 training step of the study's ViT (batch 100), and ~1.3x (fp32)
+    and ~1.5x (bf16) the inference throughput at batch 1000; with the allocator tuned
+    (``vitbn.bench.tune_cpu_allocator``) the layouts measured within noise of each other in fp32."""
+    heads = [(i, j) for i in range(q.shape[1]) for j in range(q.shape[2])]  # (branch, head)
+    dots = torch.stack([torch.bmm(q[:, i, j], k[:, i, j].transpose(1, 2)) for i, j in heads], dim=1)
+    attn = _softmax(dots * scale)  # (B, K*H, N, N)
+    weights = drop(attn)
+    out = torch.cat([torch.bmm(weights[:, h], v[:, i, j]) for h, (i, j) in enumerate(heads)], dim=-1)
+    return out, attn  # (B, N, K*H*Dh)
+
+
+def _batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: nn.Module):
+    """q, k, v copied to (B*K*H, N, Dh) each, then batched products over all heads: in bf16 the small strided
+    products of ``_per_head`` are copied to dense operands one by one (three times as many copies). One
+    copy of each of q, k, v (the reference's graph) rather than one (3, B*H, N, Dh) copy: compiled on 2
+    threads, the latter trained ~10% slower than the reference (two noisy runs), this form on par. Under
+    ``torch.compile`` this is the path taken: the textbook graph, whose copies the compiler fuses."""
+    b, branches, h, n, dh = q.shape
+    q, k, v = (t.reshape(b * branches * h, n, dh) for t in (q, k, v))
+    attn = _softmax(torch.bmm(q, k.transpose(1, 2)) * scale)  # (B*K*H, N, N)
+    out = torch.bmm(drop(attn), v)  # (B*K*H, N, Dh)
+    out = out.view(b, branches * h, n, dh).transpose(1, 2).reshape(b, n, branches * h * dh)
+    return out, attn.view(b, branches * h, n, n)
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -191,3 +202,33 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.inner_norm(self.fc1(self.norm(x))))
         return self.drop2(self.fc2(self.drop1(x)))
+
+
+class BranchLinear(nn.Module):
+    """K independent Linear maps applied at once, (K, M, in) -> (K, M, out), as one batched matrix product:
+    the branches of a parallel block are one kernel, not K. Each branch is initialized as ``nn.Linear``.
+
+    Args:
+        branches: K.
+        in_features: input width.
+        out_features: output width.
+        bias: whether each branch has a bias.
+    """
+
+    def __init__(self, branches: int, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.branches, self.in_features, self.out_features = branches, in_features, out_features
+        bound = in_features**-0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)) and bias bound
+        self.weight = nn.Parameter(torch.empty(branches, out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(branches, out_features).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return (
+            f"branches={self.branches}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )

@@ -7,24 +7,16 @@ import dataclasses
 import torch
 from torch import nn
 
-from vitbn.config import ModelConfig, pair
+from vitbn.config import VARIANT_NORMS, ModelConfig, pair
 from vitbn.models.blocks import Transformer, bn_options
 from vitbn.models.layers import PatchEmbed, dropout_or_identity, sincos_1d, sincos_2d
-
-# Norm placement of each variant (see the study): ViTBNFFN keeps LayerNorm before attention and puts a
-# BatchNorm inside the FFN instead of in front of it; ViTBN replaces every LayerNorm by token BatchNorm.
-VARIANT_NORMS = {
-    "vit": dict(embed_norm="layer", attn_norm="layer", ffn_norm="layer", ffn_inner_norm="none", final_norm="layer"),
-    "vitbnffn": dict(
-        embed_norm="layer", attn_norm="layer", ffn_norm="none", ffn_inner_norm="batch", final_norm="layer"
-    ),
-    "vitbn": dict(embed_norm="batch", attn_norm="batch", ffn_norm="none", ffn_inner_norm="batch", final_norm="batch"),
-}
+from vitbn.models.stems import ConvStem, HMLPStem
 
 
 class VisionTransformer(nn.Module):
-    """A ViT configured by a ``ModelConfig``: patch embedding, optional CLS token, position embedding,
-    ``depth`` pre-norm blocks, final norm, linear head. Submodule names follow vit-pytorch's ``ViT``
+    """A ViT configured by a ``ModelConfig``: stem (linear patch embedding, hMLP or conv), optional CLS token,
+    position embedding, ``depth`` pre-norm stages (sequential blocks or ``parallel`` branches each, with optional
+    LayerScale and stochastic depth), final norm, linear head. Submodule names follow vit-pytorch's ``ViT``
     (``to_patch_embedding``, ``cls_token``, ``pos_embedding``, ``transformer``, ``mlp_head``).
     """
 
@@ -33,9 +25,12 @@ class VisionTransformer(nn.Module):
         self.config = config
         c = config
         image, patch = pair(c.image_size), pair(c.patch_size)
-        self.to_patch_embedding = PatchEmbed(
-            image_size=image, patch_size=patch, channels=c.channels, dim=c.dim, norm=c.embed_norm, **bn_options(c)
-        )
+        if c.stem == "linear":
+            self.to_patch_embedding = PatchEmbed(
+                image_size=image, patch_size=patch, channels=c.channels, dim=c.dim, norm=c.embed_norm, **bn_options(c)
+            )
+        else:
+            self.to_patch_embedding = HMLPStem(c) if c.stem == "hmlp" else ConvStem(c)
         self.cls_token = nn.Parameter(torch.randn(1, c.dim)) if c.has_class_token else None
         if c.pos_emb == "learn":
             self.pos_embedding = nn.Parameter(torch.randn(c.num_tokens, c.dim))

@@ -1,0 +1,159 @@
+"""The one table of model and training flags that ``vitbn train``, ``vitbn experiment`` and ``vitbn bench`` share.
+
+A flag maps to a config field: ``--parallel 2`` -> ``model.parallel = 2``. Every default is None, so only the
+flags given override the config file, the preset or the dataclass defaults. A bad value gets one line that names
+the flag and the allowed values (``argparse`` choices and types, then ``flag_error`` for the configs' own checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from vitbn.config import (
+    ATTN_IMPLS,
+    BN_STATS,
+    DEVICES,
+    NORMS,
+    OPTIMIZERS,
+    POOLS,
+    POS_EMBS,
+    PRECISIONS,
+    SCHEDULES,
+    STEMS,
+)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag for one config field."""
+
+    section: str  # "model" | "data" | "train" | "track"
+    field: str
+    kwargs: dict
+
+
+def dest(flag: str) -> str:
+    """The attribute argparse stores ``flag`` under: ``--drop-path`` -> ``drop_path``."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _patch(text: str) -> int | list[int]:
+    """``7`` or ``7x14`` (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or HxW, e.g. 7 or 4x4") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer or HxW, e.g. 7 or 4x4")
+
+
+def _optional_float(text: str) -> float | None:
+    """A float, or ``none`` / ``off`` for a knob that can be switched off."""
+    if text.lower() in ("none", "off", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
+def _norm(help: str) -> dict:
+    return dict(choices=NORMS, help=help)
+
+
+_BOOL = argparse.BooleanOptionalAction
+
+MODEL_FLAGS: dict[str, Flag] = {
+    "--model": Flag("model", "name", dict(help="model preset: vit, vitbnffn, vitbn (see `vitbn models`)")),
+    "--depth": Flag("model", "depth", dict(type=int, help="stages (blocks, or groups of --parallel blocks)")),
+    "--dim": Flag("model", "dim", dict(type=int, help="token width D")),
+    "--heads": Flag("model", "heads", dict(type=int, help="attention heads per block")),
+    "--dim-head": Flag("model", "dim_head", dict(type=int, help="width of one head")),
+    "--mlp-dim": Flag("model", "mlp_dim", dict(type=int, help="hidden width of the feed-forward block")),
+    "--patch-size": Flag("model", "patch_size", dict(type=_patch, help="patch side, or HxW")),
+    "--pool": Flag("model", "pool", dict(choices=POOLS, help="classify the CLS token or the mean token")),
+    "--class-token": Flag("model", "class_token", dict(action=_BOOL, help="a CLS token (default: iff pool=cls)")),
+    "--pos-emb": Flag("model", "pos_emb", dict(choices=POS_EMBS, help="learned or fixed sincos positions")),
+    "--dropout": Flag("model", "dropout", dict(type=float, help="dropout in attention and feed-forward blocks")),
+    "--emb-dropout": Flag("model", "emb_dropout", dict(type=float, help="dropout on the embedded tokens")),
+    "--embed-norm": Flag("model", "embed_norm", _norm("norms of the patch embedding / stem")),
+    "--attn-norm": Flag("model", "attn_norm", _norm("pre-norm of attention")),
+    "--ffn-norm": Flag("model", "ffn_norm", _norm("pre-norm of the feed-forward block")),
+    "--ffn-inner-norm": Flag("model", "ffn_inner_norm", _norm("norm between fc1 and GELU")),
+    "--final-norm": Flag("model", "final_norm", _norm("norm after the last block")),
+    "--bn-stats": Flag("model", "bn_stats", dict(choices=BN_STATS, help="per-feature or scalar BN statistics")),
+    "--bn-momentum": Flag("model", "bn_momentum", dict(type=float, help="BatchNorm running-average momentum")),
+    "--ghost-batch-size": Flag("model", "ghost_batch_size", dict(type=int, help="ghost BN sub-batch size")),
+    "--attn-impl": Flag("model", "attn_impl", dict(choices=ATTN_IMPLS, help="attention kernel")),
+    "--parallel": Flag("model", "parallel", dict(type=int, help="parallel blocks per stage (Touvron et al. 2022)")),
+    "--layer-scale": Flag("model", "layer_scale", dict(type=_optional_float, help="LayerScale init, or none")),
+    "--drop-path": Flag("model", "drop_path", dict(type=float, help="stochastic depth rate of the last stage")),
+    "--stem": Flag("model", "stem", dict(choices=STEMS, help="linear patch embedding, hMLP or conv stem")),
+}
+
+RUN_FLAGS: dict[str, Flag] = {
+    "--dataset": Flag("data", "dataset", dict(help="mnist, a registered dataset, npz:PATH or folder:PATH")),
+    "--data-root": Flag("data", "root", dict(help="folder holding <dataset>/ (default $VITBN_DATA)")),
+    "--val-size": Flag("data", "val_size", dict(type=int, help="training images held out for validation")),
+    "--train-subset": Flag("data", "train_subset", dict(type=int, help="use the first N training images")),
+    "--test-subset": Flag("data", "test_subset", dict(type=int, help="use the first N test images")),
+    "--epochs": Flag("train", "epochs", dict(type=int)),
+    "--lr": Flag("train", "lr", dict(type=float, help="learning rate")),
+    "--batch-size": Flag("train", "batch_size", dict(type=int)),
+    "--eval-batch-size": Flag("train", "eval_batch_size", dict(type=int)),
+    "--optimizer": Flag("train", "optimizer", dict(choices=OPTIMIZERS)),
+    "--weight-decay": Flag("train", "weight_decay", dict(type=float)),
+    "--schedule": Flag("train", "schedule", dict(choices=SCHEDULES, help="constant (the study's) or cosine")),
+    "--warmup-epochs": Flag("train", "warmup_epochs", dict(type=float, help="linear warm-up length")),
+    "--label-smoothing": Flag("train", "label_smoothing", dict(type=float)),
+    "--grad-clip": Flag("train", "grad_clip", dict(type=float, help="max global gradient norm")),
+    "--device": Flag("train", "device", dict(choices=DEVICES)),
+    "--precision": Flag("train", "precision", dict(choices=PRECISIONS)),
+    "--compile": Flag("train", "compile", dict(action=_BOOL, help="torch.compile the model")),
+    "--threads": Flag("train", "threads", dict(type=int, help="torch.set_num_threads")),
+    "--seed": Flag("train", "seed", dict(type=int)),
+    "--max-steps": Flag("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch")),
+    "--precise-bn": Flag("train", "precise_bn", dict(action=_BOOL, help="recompute BN statistics before evaluating")),
+    "--sync-bn": Flag("train", "sync_bn", dict(action=_BOOL, help="torchrun: BatchNorm statistics over all ranks")),
+    "--out-dir": Flag("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
+    "--resume": Flag("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's run")),
+    "--tracking-uri": Flag("track", "tracking_uri", dict(help="MLflow URI (default: $MLFLOW_TRACKING_URI, sqlite)")),
+    "--experiment": Flag("track", "experiment", dict(help="MLflow experiment name")),
+    "--run-name": Flag("track", "run_name", dict(help="run name (default <model>-<time>)")),
+}  # fmt: skip
+
+
+def pick(table: dict[str, Flag], *names: str, drop: tuple[str, ...] = ()) -> dict[str, Flag]:
+    """A sub-table: the flags ``names`` (all when none are named) minus ``drop``, in the table's order."""
+    return {f: flag for f, flag in table.items() if (not names or f in names) and f not in drop}
+
+
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, table: dict[str, Flag]) -> None:
+    """Adds every flag of ``table`` with default None."""
+    for flag, spec in table.items():
+        parser.add_argument(flag, **{"default": None, **spec.kwargs})
+
+
+def given(args: argparse.Namespace, table: dict[str, Flag]) -> dict[str, dict[str, Any]]:
+    """``{section: {field: value}}`` for the flags of ``table`` that were given."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, spec in table.items():
+        value = getattr(args, dest(flag), None)
+        if value is not None:
+            out.setdefault(spec.section, {})[spec.field] = value
+    return out
+
+
+def flag_error(message: str, args: argparse.Namespace, tables: tuple[dict[str, Flag], ...]) -> str:
+    """A config error about a field (``"parallel=0 must be ..."``) named by the flag that set it
+    (``"--parallel: parallel=0 must be ..."``); other messages unchanged."""
+    for table in tables:
+        for flag, spec in table.items():
+            if getattr(args, dest(flag), None) is not None and message.startswith((f"{spec.field}=", f"{dest(flag)}=")):
+                return f"{flag}: {message}"
+    return message
