@@ -33,8 +33,8 @@ def textbook(qkv: torch.Tensor, heads: int, dim_head: int) -> tuple[torch.Tensor
 def test_layouts_match_the_textbook_formulation(path, dtype, branches, monkeypatch):
     qkv = torch.randn(branches, 3, 17, 3 * 2 * 8, dtype=dtype, requires_grad=True)
     grad = torch.randn(3, 17, branches * 16, dtype=dtype)
-    if path == "_per_head":  # the path the explicit attention takes in fp32
-        monkeypatch.setattr(layers, "_batched", None)
+    if path == "_per_head":  # whichever layout attend would choose
+        monkeypatch.setattr(layers, "_batched", layers._per_head)
     if path == "_batched":
         monkeypatch.setattr(layers, "_per_head", layers._batched)
     out, weights = layers.attend(qkv, 2, 8, 8**-0.5, torch.nn.Identity(), explicit=path != "sdpa", dropout_p=0.0)
@@ -47,6 +47,15 @@ def test_layouts_match_the_textbook_formulation(path, dtype, branches, monkeypat
         assert weights is None
     else:
         assert_close(weights, ref_weights)
+
+
+def test_parallel_branches_take_the_batched_layout(monkeypatch):
+    seen = []
+    monkeypatch.setattr(layers, "_per_head", lambda *a: seen.append("_per_head"))
+    model = create_model("vit", **{**TINY, "parallel": 2}, attn_impl="explicit").eval()
+    with torch.no_grad():
+        model(torch.randn(2, 1, 28, 28))
+    assert seen == []
 
 
 def test_half_precision_training_takes_the_batched_layout_and_agrees_with_fp32(monkeypatch):

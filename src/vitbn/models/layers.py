@@ -136,7 +136,9 @@ def attend(
     if not explicit:  # K = 1: flatten is a view, as are the strided operands the kernel reads in place
         out = F.scaled_dot_product_attention(q.flatten(1, 2), key.flatten(1, 2), v.flatten(1, 2), dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(b, n, -1), None
-    if torch.compiler.is_compiling() or (qkv.dtype in _HALF and torch.is_grad_enabled()):
+    # Parallel branches (K > 1) run all K*H heads as one batched product: one at a time they would be K times the
+    # small kernels of a sequential block, the op overhead that the parallel layout is meant to cut.
+    if k > 1 or torch.compiler.is_compiling() or (qkv.dtype in _HALF and torch.is_grad_enabled()):
         return _batched(q, key, v, scale, drop)
     return _per_head(q, key, v, scale, drop)
 
