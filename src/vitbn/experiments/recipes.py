@@ -9,6 +9,7 @@ rounds on this machine).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame, path
     return path
 
 
+def _provenance(client, run_ids, preset: str) -> str:
+    """Which command, commit and machine made the runs (from their tags) and the latency column (now)."""
+    from vitbn.bench.system import device_name
+
+    tags = [client.get_run(run_id).data.tags for run_id in run_ids]
+    commits = sorted({t.get("git_commit", "unknown")[:7] for t in tags})
+    threads = sorted({t.get("threads", "?") for t in tags})
+    return (
+        f"Made by `vitbn experiment recipes` (preset {preset.split(' ')[0]!r}); the training runs at commit "
+        f"{', '.join(commits)} on {device_name(torch.device('cpu'))} ({os.cpu_count()} cores, {', '.join(threads)} "
+        f"threads, torch {torch.__version__}); the latency column measured when this report was built, on the same "
+        "machine."
+    )
+
+
 def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> RecipesReport:
     """The recipes table (Markdown) and figure of the experiment whose parent run is ``key`` (id or name)."""
     client = mlflow_client(tracking_uri)
@@ -116,11 +132,12 @@ def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | N
     for run_id, label in zip(runs.runs["run_id"], runs.runs["label"]):
         configs.setdefault(label, model_config_from_params(client.get_run(run_id).data.params))
     table = recipes_table(runs.runs, runs.history, batch1_latency(configs))
+    provenance = _provenance(client, runs.runs["run_id"], parent.info.run_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = _figure(table, runs.history, runs.runs, out / "recipes.png")
     text = [
-        f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "",
+        f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "", provenance, "",
         markdown_table(HEADER, _cells(table, configs)), "",
         "final/best acc: test accuracy after the last epoch / best over epochs (mean over seeds); T: median seconds "
         "per epoch (epoch 1 excluded when there are more than 2); latency: one eval-mode forward pass of a single "
