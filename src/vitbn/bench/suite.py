@@ -49,13 +49,14 @@ class BenchOptions:
     profile_iters: int = 3  # profiled calls per case for those shares
     tune_allocator: bool = False  # vitbn.bench.system.tune_cpu_allocator() before measuring
     recipes: bool = True  # the recipe section: parallel vs sequential blocks, hMLP vs linear stem
+    short: bool = False  # set by ``quick()``: the recipe section measures fewer layouts and batches too
     overrides: dict = field(default_factory=dict)  # ModelConfig fields for every model (tests, studies)
 
     @classmethod
     def quick(cls, **changes) -> BenchOptions:
         """The study's depths only, no compilation, 3 short rounds: under two minutes on 2 CPU cores."""
         base = dict(depths=("study",), compile=False, warmup=1, repeats=3, min_repeat_s=0.1, loader_epochs=1)
-        base.update(profile_iters=1)
+        base.update(profile_iters=1, short=True)
         return cls(**{**base, **changes})
 
     def __post_init__(self) -> None:
@@ -332,8 +333,7 @@ def _recipes(options: BenchOptions, device: torch.device, log: Callable[[str], N
     from vitbn.bench.recipes import RecipeOptions, run_recipes
 
     models = tuple(m for m in options.models if m in ("vit", "vitbn")) or options.models[:1]
-    quick = options.repeats <= 3 and not options.compile
-    make = RecipeOptions.quick if quick else RecipeOptions
+    make = RecipeOptions.quick if options.short else RecipeOptions
     recipe = make(models=models, precisions=options.precisions, train_batch=options.batch_size,
                   overrides=tuple(options.overrides.items()))  # fmt: skip
     return run_recipes(recipe, device, options.repeats, options.warmup, options.min_repeat_s, log)
