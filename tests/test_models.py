@@ -82,7 +82,9 @@ def test_make_norm_factory():
     assert isinstance(make_norm("layer", 8), nn.LayerNorm)
     assert isinstance(make_norm("batch", 8), TokenBatchNorm)
     assert isinstance(make_norm("none", 8), nn.Identity)
-    with pytest.raises(ValueError, match="norm='group' is not one of 'layer', 'batch', 'none'"):
+    with pytest.raises(
+        ValueError, match="norm='group' is not one of 'layer', 'rms', 'batch', 'repbn', 'prepbn', 'dyt', 'none'"
+    ):
         make_norm("group", 8)
 
 
@@ -265,7 +267,10 @@ def test_forward_flops_leaves_the_model_untouched(tiny_overrides):
     ("overrides", "message"),
     [
         (dict(patch_size=5), r"patch_size=5 must divide image_size=28 in both dimensions"),
-        (dict(ffn_norm="group"), r"ffn_norm='group' is not one of 'layer', 'batch', 'none'"),
+        (
+            dict(ffn_norm="group"),
+            r"ffn_norm='group' is not one of 'layer', 'rms', 'batch', 'repbn', 'prepbn', 'dyt', 'none'",
+        ),
         (dict(pool="max"), r"pool='max' is not one of 'cls', 'mean'"),
         (dict(pos_emb="rope"), r"pos_emb='rope' is not one of 'learn', 'pe1d', 'pe2d'"),
         (dict(dim=0), r"dim=0 must be a positive integer"),

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-NORMS = ("layer", "batch", "none")
+NORMS = ("layer", "rms", "batch", "repbn", "prepbn", "dyt", "none")
+BN_NORMS = ("batch", "repbn", "prepbn")  # the kinds that hold a BatchNorm (running statistics, folding)
 NORM_SLOTS = ("embed_norm", "attn_norm", "ffn_norm", "ffn_inner_norm", "final_norm")
 STEMS = ("linear", "hmlp", "conv")
 POOLS = ("cls", "mean")
@@ -62,12 +63,31 @@ VARIANT_NORMS: dict[str, dict[str, str]] = {
 MODEL_PRESETS: dict[str, dict[str, Any]] = {name: {**STUDY_MNIST, **norms} for name, norms in VARIANT_NORMS.items()}
 
 
+def apply_norm(norms: dict[str, str], kind: str) -> dict[str, str]:
+    """``--norm KIND``: every slot of ``norms`` that holds a norm gets ``kind``; empty slots stay empty (so the ViT's
+    feed-forward block keeps its single pre-norm, and ViTBN's its single inner norm)."""
+    _choice("norm", kind, NORMS)
+    return {slot: current if current == "none" else kind for slot, current in norms.items()}
+
+
+def resolve_norms(own: dict[str, str], *layers: dict[str, Any]) -> dict[str, str]:
+    """The norm slots after each layer of settings in turn (a name's changes, then overrides): a layer's ``norm``
+    (see ``apply_norm``) first, then its per-slot settings, which win."""
+    norms = dict(own)
+    for layer in layers:
+        if "norm" in layer:
+            norms = apply_norm(norms, layer["norm"])
+        norms.update({slot: layer[slot] for slot in NORM_SLOTS if slot in layer})
+    return norms
+
+
 def model_name(base: str, norms: dict[str, str]) -> str:
     """The name that describes a model built from preset ``base`` with the norm placement ``norms``.
 
     The preset's own name when the norms are the preset's; the study variant whose placement they are (a ``vit``
     preset with every norm of ViTBN is ``vitbn``); else the preset and the slots that differ, e.g.
-    ``vit+attn_norm=batch``. So a run never logs a model holding BatchNorm as plain ``vit``.
+    ``vit+attn_norm=batch``; a preset whose every norm is one kind is ``vit+norm=dyt``. So a run never logs a
+    model holding BatchNorm as plain ``vit``.
     """
     preset = MODEL_PRESETS.get(base)
     if preset is None:
@@ -78,6 +98,9 @@ def model_name(base: str, norms: dict[str, str]) -> str:
     for variant, placement in VARIANT_NORMS.items():
         if norms == placement:
             return variant
+    for kind in NORMS:
+        if norms == apply_norm(own, kind):
+            return f"{base}+norm={kind}"
     return base + "".join(f"+{slot}={kind}" for slot, kind in norms.items() if kind != own[slot])
 
 
@@ -127,7 +150,7 @@ class ModelConfig:
     pos_emb: str = "learn"  # "learn" | "pe1d" (1-D sincos) | "pe2d" (2-D sincos)
     dropout: float = 0.0
     emb_dropout: float = 0.0
-    # One norm per position, each "layer" | "batch" | "none".
+    # One norm per position, each a kind of NORMS: "layer" | "rms" | "batch" | "repbn" | "prepbn" | "dyt" | "none".
     embed_norm: str = "layer"  # both norms of the patch embedding (on patch pixels, then on tokens)
     attn_norm: str = "layer"  # pre-norm of every attention sub-block
     ffn_norm: str = "layer"  # pre-norm of every feed-forward sub-block
@@ -136,6 +159,7 @@ class ModelConfig:
     bn_stats: str = "feature"  # "feature": per-feature BN stats; "scalar": the original code's BatchNorm2d(1)
     bn_momentum: float = 0.1
     ghost_batch_size: int | None = None  # BN statistics over sub-batches of this many images (ghost BN)
+    dyt_alpha: float = 0.5  # DyT's initial alpha (the paper's for ViTs)
     attn_impl: str = "auto"  # "sdpa" fused kernel, "explicit" matmul-softmax-matmul, "auto": fastest measured
     # Recipes of Touvron et al. 2022 ("Three things everyone should know about ViTs") and CaiT/DeiT III.
     parallel: int = 1  # branches per stage: x = x + sum_i MHSA_i(x); x = x + sum_i FFN_i(x); depth counts stages
@@ -175,6 +199,8 @@ class ModelConfig:
             raise ValueError(f"bn_momentum={self.bn_momentum!r} must be in [0, 1]")
         if self.ghost_batch_size is not None:
             _positive("ghost_batch_size", self.ghost_batch_size)
+        if not self.dyt_alpha > 0:
+            raise ValueError(f"dyt_alpha={self.dyt_alpha!r} must be > 0")
         self._check_recipes(ph, pw)
         self.name = model_name(self.name.split("+")[0], {slot: getattr(self, slot) for slot in NORM_SLOTS})
 
@@ -209,21 +235,31 @@ class ModelConfig:
 
     @property
     def uses_batchnorm(self) -> bool:
-        return "batch" in (getattr(self, slot) for slot in NORM_SLOTS)
+        """Whether a norm holds a BatchNorm (``batch``, ``repbn`` or ``prepbn``)."""
+        return any(getattr(self, slot) in BN_NORMS for slot in NORM_SLOTS)
+
+    @property
+    def uses_prepbn(self) -> bool:
+        return "prepbn" in (getattr(self, slot) for slot in NORM_SLOTS)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A preset's defaults with fields overridden, e.g. ``ModelConfig.from_preset("vitbn", depth=1)``; the
-        name describes the result (see ``model_name``)."""
+        name describes the result (see ``model_name``). ``norm=KIND`` (in the overrides or the name) puts KIND in
+        every slot that holds a norm (``apply_norm``); per-slot settings win over it."""
         base, *changes = name.split("+")
-        norms = dict(change.partition("=")[::2] for change in changes)  # "vit+attn_norm=batch": the name it logs
-        if base not in MODEL_PRESETS or not set(norms) <= set(NORM_SLOTS):
+        named = dict(change.partition("=")[::2] for change in changes)  # "vit+attn_norm=batch": the name it logs
+        if base not in MODEL_PRESETS or not set(named) <= {*NORM_SLOTS, "norm"}:
             raise ValueError(f"model={name!r} is not one of {', '.join(repr(n) for n in sorted(MODEL_PRESETS))}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
+        unknown = sorted(set(overrides) - fields - {"norm"})
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed: {', '.join(sorted(fields))}")
-        return cls(**{**MODEL_PRESETS[base], **norms, **overrides, "name": base})
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed: norm, {', '.join(sorted(fields))}")
+        preset = MODEL_PRESETS[base]
+        own = {slot: preset.get(slot, getattr(cls, slot)) for slot in NORM_SLOTS}
+        norms = resolve_norms(own, named, overrides)
+        rest = {k: v for k, v in overrides.items() if k != "norm"}
+        return cls(**{**preset, **rest, **norms, "name": base})
 
 
 @dataclass
@@ -273,6 +309,9 @@ class TrainConfig:
     precise_bn: bool = False  # recompute BN population statistics before every evaluation
     precise_bn_batches: int = 50
     sync_bn: bool = False  # distributed runs: SyncBatchNorm across ranks
+    # PRepBN's lambda (1: LayerNorm, 0: RepBN) by optimizer step: LayerNorm-only warm-up, then a linear ramp.
+    prepbn_warmup_steps: int | None = None  # None: a tenth of the run's steps
+    prepbn_decay_steps: int | None = None  # None: to the last step, so training ends at lambda = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -292,6 +331,10 @@ class TrainConfig:
         for name in ("max_steps_per_epoch", "threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        for name in ("prepbn_warmup_steps", "prepbn_decay_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name}={value!r} must be an integer >= 0 or null (the default)")
 
 
 @dataclass
@@ -350,6 +393,10 @@ class RunConfig:
         if name not in (None, "custom"):
             model_config = ModelConfig.from_preset(name, **model)
         else:
+            if "norm" in model:  # norm=KIND over the default (ViT) placement, per-slot settings winning
+                own = {slot: getattr(ModelConfig, slot) for slot in NORM_SLOTS}
+                model = {**model, **resolve_norms(own, model)}
+                del model["norm"]
             model_config = from_dict(ModelConfig, model)
         return cls(
             model=model_config,

@@ -96,6 +96,22 @@ def infer_case(
     return Case(name, run, images=batch, device=device)
 
 
+def eval_img_s(
+    models: dict[str, nn.Module], batch: int, repeats: int = 7, min_repeat_s: float = 0.2
+) -> dict[str, float]:
+    """Images per second of one eval-mode forward pass of each model at ``batch`` (fp32, eager, CPU), the models
+    timed in the same interleaved rounds; median over the rounds."""
+    from vitbn.bench.timing import interleave, warm_up
+
+    device = torch.device("cpu")
+    cases = {label: infer_case(label, model, precision="fp32", batch=batch, device=device, compile=False)
+             for label, model in models.items()}  # fmt: skip
+    for case in cases.values():
+        warm_up(case, 3, min_repeat_s)
+    interleave(list(cases.values()), repeats)
+    return {label: case.img_s for label, case in cases.items()}
+
+
 def flops_per_image(model: VisionTransformer, mode: str) -> int:
     """Matrix-product FLOPs per image (``torch.utils.flop_counter``): forward for inference modes, forward and
     backward for ``train``. Counted on a copy; the model is left as it is."""

@@ -2,8 +2,9 @@
 
 In eval mode a BatchNorm is the affine map ``y = x * scale + shift`` (per feature, or one scalar pair for
 ``bn_stats="scalar"``). Before a Linear ``W x + b`` it folds as ``W' = W diag(scale)``, ``b' = b + W shift``;
-after one as ``W' = diag(scale) W``, ``b' = scale * b + shift``. LayerNorm depends on the sample and is not
-foldable; it stays.
+after one as ``W' = diag(scale) W``, ``b' = scale * b + shift``. RepBN (``BN(x) + eta * x``) is the affine map
+``(scale + eta) x + shift`` and folds the same way; a PRepBN folds once its lambda is 0 (RepBN alone). LayerNorm
+and RMSNorm depend on the sample and DyT is nonlinear: they stay (``unfolded_norms`` says which).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vitbn.bn.frozen import FrozenBatchNorm
 from vitbn.models.blocks import ParallelBlock
 from vitbn.models.layers import BranchLinear, PatchEmbed
-from vitbn.models.norms import TokenBatchNorm
+from vitbn.models.norms import ChannelsLast, DyT, PRepBN, RepBN, TokenBatchNorm
 from vitbn.models.vit import VisionTransformer
 
 
@@ -35,11 +36,28 @@ def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _token_bn_map(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(scale, shift)`` expanded to ``width`` features if ``norm`` is a token BatchNorm, else None."""
-    if not isinstance(norm, TokenBatchNorm):
+def _norm_map(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)`` expanded to ``width`` features if ``norm`` is an affine map in eval mode (a token or
+    channel BatchNorm, a RepBN, a PRepBN at lambda 0), else None. A PRepBN still blending in its LayerNorm raises
+    a ValueError: it is not affine yet."""
+    if isinstance(norm, ChannelsLast):
+        norm = norm.norm
+    if isinstance(norm, PRepBN):
+        if norm.phase != "repbn":
+            raise ValueError(
+                f"fuse_bn cannot fold a PRepBN at lambda={float(norm.lam):.4g}: it is affine only at lambda = 0 "
+                "(train to the end of its ramp, train.prepbn_warmup_steps + train.prepbn_decay_steps)"
+            )
+        norm = norm.repbn
+    if isinstance(norm, RepBN):
+        scale, shift = bn_scale_shift(norm.bn.bn)
+        scale = scale + norm.eta.double()  # BN(x) + eta * x
+    elif isinstance(norm, TokenBatchNorm):
+        scale, shift = bn_scale_shift(norm.bn)
+    elif isinstance(norm, (_BatchNorm, FrozenBatchNorm)):
+        scale, shift = bn_scale_shift(norm)
+    else:
         return None
-    scale, shift = bn_scale_shift(norm.bn)
     return scale.expand(width), shift.expand(width)  # a scalar-stats BN has (1,): the same map on every feature
 
 
@@ -71,7 +89,7 @@ def _fold_linear(parent: nn.Module, name: str, linear: nn.Linear, fold) -> bool:
     """Folds the norm ``parent.<name>`` into ``linear`` (``fold``: ``_before`` or ``_after`` it); True if it
     was a BatchNorm, which becomes an Identity."""
     width = linear.in_features if fold is _before else linear.out_features
-    affine = _token_bn_map(getattr(parent, name), width)
+    affine = _norm_map(getattr(parent, name), width)
     if affine is None:
         return False
     _set_params(linear, *fold(affine, linear.weight.double(), _bias64(linear, (linear.out_features,))))
@@ -82,7 +100,7 @@ def _fold_linear(parent: nn.Module, name: str, linear: nn.Linear, fold) -> bool:
 def _fold_branches(norms: nn.ModuleList, linear: BranchLinear, fold) -> bool:
     """Folds the K norms of a parallel stage into the K branches of ``linear``."""
     width = linear.in_features if fold is _before else linear.out_features
-    affines = [_token_bn_map(norm, width) for norm in norms]
+    affines = [_norm_map(norm, width) for norm in norms]
     if any(a is None for a in affines):
         return False
     bias = _bias64(linear, (linear.branches, linear.out_features))
@@ -94,12 +112,12 @@ def _fold_branches(norms: nn.ModuleList, linear: BranchLinear, fold) -> bool:
 
 
 def _fold_stem(stem: nn.Module) -> bool:
-    """Folds every BatchNorm2d of a conv/hMLP stem into the convolution before it."""
+    """Folds every BatchNorm2d (and channel RepBN / PRepBN) of a conv/hMLP stem into the convolution before it."""
     layers, found = stem.proj, False
     for i in range(1, len(layers)):
-        conv, bn = layers[i - 1], layers[i]
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
-            affine = bn_scale_shift(bn)
+        conv = layers[i - 1]
+        affine = _norm_map(layers[i], conv.out_channels) if isinstance(conv, nn.Conv2d) else None
+        if affine is not None:
             _set_params(conv, *_after(affine, conv.weight.double(), _bias64(conv, (conv.out_channels,))))
             layers[i], found = nn.Identity(), True
     return found
@@ -121,7 +139,26 @@ def _fold_block(block: nn.Module) -> set[str]:
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, (_BatchNorm, FrozenBatchNorm, TokenBatchNorm))
+    return isinstance(module, (_BatchNorm, FrozenBatchNorm, TokenBatchNorm, RepBN, PRepBN))
+
+
+# Norms that never fold, and why (the wording of ``unfolded_norms``).
+_UNFOLDABLE = ((nn.LayerNorm, "LayerNorm", "depends on the sample"), (nn.RMSNorm, "RMSNorm", "depends on the sample"),
+               (DyT, "DyT", "tanh is nonlinear"))  # fmt: skip
+
+
+def unfolded_norms(model: nn.Module) -> str | None:
+    """One line on the norms that a model folded by ``fuse_bn`` still holds and why, or None when it holds none,
+    e.g. ``"fuse_bn left 25 norm(s) unfolded: 25 DyT (tanh is nonlinear)"``."""
+    counts: dict[tuple[str, str], int] = {}
+    for module in getattr(model, "module", model).modules():
+        for cls, name, why in _UNFOLDABLE:
+            if isinstance(module, cls):
+                counts[(name, why)] = counts.get((name, why), 0) + 1
+    if not counts:
+        return None
+    parts = ", ".join(f"{n} {name} ({why})" for (name, why), n in counts.items())
+    return f"fuse_bn left {sum(counts.values())} norm(s) unfolded: {parts}"
 
 
 @torch.no_grad()

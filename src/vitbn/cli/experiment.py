@@ -43,7 +43,7 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2) or recipes"
+        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes or norms"
     )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
     sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable)")
@@ -53,10 +53,14 @@ def register(subparsers) -> None:
     sweep.set_defaults(func=run_sweep, default_preset="study")
     recipes = sub.add_parser("recipes", help="Touvron et al.'s recipes (parallel blocks, LayerScale, stochastic "
                              "depth, hMLP stem) on ViT and ViTBN, with a report")  # fmt: skip
-    _common(recipes, RUN_FLAGS)
-    recipes.add_argument("--full", action="store_true", help="the full-size preset recipes-full (for a GPU)")
-    recipes.add_argument("--epochs", type=int, help="epochs of every training run")
-    recipes.set_defaults(func=run_recipes, default_preset="recipes")
+    norms = sub.add_parser("norms", help="LayerNorm, RMSNorm, DyT, BatchNorm (FFN / everywhere) and PRepBN on one "
+                           "depth-6 ViT, 3 lrs, 2 seeds, selected on validation, with a report")  # fmt: skip
+    for parser_, name in ((recipes, "recipes"), (norms, "norms")):
+        _common(parser_, RUN_FLAGS)
+        parser_.add_argument("--full", action="store_true", help=f"the full-size preset {name}-full (for a GPU)")
+        parser_.add_argument("--epochs", type=int, help="epochs of every training run")
+        parser_.add_argument("--lr", nargs="+", type=float, help="a subset of the preset's learning rates")
+        parser_.set_defaults(func=run_with_report, default_preset=name, report_kind=name)
     tune = sub.add_parser("tune", help="Ax/BoTorch tuning of lr and batch size per model, then the tuned models")
     _common(tune, {**RUN_FLAGS, **TUNE_FLAGS})
     tune.add_argument("--final-epochs", type=int, help="epochs of the tuned models' final training")
@@ -128,21 +132,25 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_recipes(args: argparse.Namespace) -> int:
+def run_with_report(args: argparse.Namespace) -> int:
+    """``experiment recipes`` and ``experiment norms``: an lr sweep of the preset, then its own report."""
     from vitbn.experiments.lr_sweep import run_lr_sweep
-    from vitbn.experiments.recipes import build_recipes_report
 
     if args.list:
         return _list_presets()
     if args.full:
-        args.default_preset = "recipes-full"
+        args.default_preset = f"{args.report_kind}-full"
     _setup_logging()
     preset = preset_from_args(args, RUN_FLAGS)
     result = run_lr_sweep(preset, progress=args.progress)
-    print(f"recipes {preset.name}: parent run {result.parent_id}; {result.count('new')} trained, "
+    print(f"{args.report_kind} {preset.name}: parent run {result.parent_id}; {result.count('new')} trained, "
           f"{result.count('resume')} resumed, {result.count('done')} already done")  # fmt: skip
+    if args.report_kind == "norms":
+        from vitbn.experiments.norms import build_norms_report as build
+    else:
+        from vitbn.experiments.recipes import build_recipes_report as build
     out = args.report_dir or f"reports/{preset.name}"
-    report = build_recipes_report(result.parent_id, out, tracking_uri=preset.run.get("track", {}).get("tracking_uri"))
+    report = build(result.parent_id, out, tracking_uri=preset.run.get("track", {}).get("tracking_uri"))
     print(f"report: {report.markdown} and {report.figure}")
     return 0
 

@@ -81,6 +81,7 @@ MODEL_FLAGS: dict[str, Flag] = {
     "--pos-emb": Flag("model", "pos_emb", dict(choices=POS_EMBS, help="learned or fixed sincos positions")),
     "--dropout": Flag("model", "dropout", dict(type=float, help="dropout in attention and feed-forward blocks")),
     "--emb-dropout": Flag("model", "emb_dropout", dict(type=float, help="dropout on the embedded tokens")),
+    "--norm": Flag("model", "norm", _norm("every norm of the preset (slots that hold one); per-slot flags win")),
     "--embed-norm": Flag("model", "embed_norm", _norm("norms of the patch embedding / stem")),
     "--attn-norm": Flag("model", "attn_norm", _norm("pre-norm of attention")),
     "--ffn-norm": Flag("model", "ffn_norm", _norm("pre-norm of the feed-forward block")),
@@ -89,6 +90,7 @@ MODEL_FLAGS: dict[str, Flag] = {
     "--bn-stats": Flag("model", "bn_stats", dict(choices=BN_STATS, help="per-feature or scalar BN statistics")),
     "--bn-momentum": Flag("model", "bn_momentum", dict(type=float, help="BatchNorm running-average momentum")),
     "--ghost-batch-size": Flag("model", "ghost_batch_size", dict(type=int, help="ghost BN sub-batch size")),
+    "--dyt-alpha": Flag("model", "dyt_alpha", dict(type=float, help="DyT's initial alpha (default 0.5)")),
     "--attn-impl": Flag("model", "attn_impl", dict(choices=ATTN_IMPLS, help="attention kernel")),
     "--parallel": Flag("model", "parallel", dict(type=int, help="parallel blocks per stage (Touvron et al. 2022)")),
     "--layer-scale": Flag("model", "layer_scale", dict(type=_optional_float, help="LayerScale init, or none")),
@@ -120,6 +122,10 @@ RUN_FLAGS: dict[str, Flag] = {
     "--max-steps": Flag("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch")),
     "--precise-bn": Flag("train", "precise_bn", dict(action=_BOOL, help="recompute BN statistics before evaluating")),
     "--sync-bn": Flag("train", "sync_bn", dict(action=_BOOL, help="torchrun: BatchNorm statistics over all ranks")),
+    "--prepbn-warmup-steps": Flag("train", "prepbn_warmup_steps", dict(type=int, help="PRepBN: LayerNorm-only "
+                                  "steps (default: a tenth of the run)")),
+    "--prepbn-decay-steps": Flag("train", "prepbn_decay_steps", dict(type=int, help="PRepBN: steps of the fall "
+                                 "from LayerNorm to RepBN (default: to the end of the run)")),
     "--out-dir": Flag("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
     "--resume": Flag("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's run")),
     "--tracking-uri": Flag("track", "tracking_uri", dict(help="MLflow URI (default: $MLFLOW_TRACKING_URI, sqlite)")),

@@ -132,8 +132,12 @@ def run_eval(args: argparse.Namespace) -> int:
     check_data_fits_model(model.config, data.info)
     if args.fuse_bn:
         from vitbn.bn import fuse_bn
+        from vitbn.bn.fuse import unfolded_norms
 
         model = fuse_bn(model)
+        left = unfolded_norms(model)
+        if left:
+            print(left)
     loader = InMemoryLoader(data.test, batch_size=args.batch_size, mean=data.info.mean, std=data.info.std,
                             device=device)  # fmt: skip
     result = evaluate(model, loader, device=device, precision=args.precision)

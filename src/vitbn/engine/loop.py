@@ -27,7 +27,7 @@ from vitbn.engine.checkpoint import (
 from vitbn.engine.device import make_amp, resolve_device, seed_everything
 from vitbn.engine.evaluate import evaluate
 from vitbn.engine.history import write_history
-from vitbn.engine.optim import build_optimizer, build_scheduler
+from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler
 from vitbn.engine.parallel import any_rank, from_main, reduce_evaluation, seed_rank_epoch, sum_over_ranks
 from vitbn.engine.progress import Progress
 from vitbn.engine.setup import (
@@ -136,6 +136,7 @@ class _Run:
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, len(self.loaders.train))
         self.loss_fn = make_loss(tc.label_smoothing)
+        self.prepbn = PRepBNSchedule.for_model(self.model, tc, len(self.loaders.train))
         self.clip_params = [p for p in self.model.parameters() if p.requires_grad]
         self.run_name = config.track.run_name or default_run_name(model.config.name)
         if info.distributed and not config.track.run_name:
@@ -146,6 +147,10 @@ class _Run:
         self.start_epoch, self.run_id, self._rng, self._started = 0, None, None, False
         self._load_checkpoint()  # every rank loads the same checkpoint
         self._wrap(tc.sync_bn, tc.compile)
+
+    def _set_lambda(self, steps_done: int) -> None:
+        if self.prepbn is not None:
+            self.prepbn.set(steps_done)
 
     def _wrap(self, sync_bn: bool, compile: bool) -> None:
         """Sets the modules that train (``net``) and evaluate (``eval_net``), compiled if asked.
@@ -178,9 +183,7 @@ class _Run:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(
-                f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}"
-            ) from None
+            raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
         if self.scheduler is not None and ckpt.get("scheduler"):
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.amp.scaler is not None and ckpt.get("scaler"):
@@ -227,7 +230,10 @@ class _Run:
         if self.info.distributed:
             self.run_id = from_main(self.run_id)  # rank 0's MLflow run, also in the other ranks' results
         self._started = True
-        self.tracker.log_params(run_params(self.config, self.model))
+        params = run_params(self.config, self.model)
+        if self.prepbn is not None:  # the resolved defaults of the ramp
+            params.update({"prepbn.warmup_steps": self.prepbn.ramp.warmup, "prepbn.end_step": self.prepbn.ramp.end})
+        self.tracker.log_params(params)
 
     def _loop(self, on_epoch: Callable[[dict], None] | None) -> str:
         for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
@@ -252,6 +258,8 @@ class _Run:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         steps = samples = 0
         lr = opt.param_groups[0]["lr"]
+        done = (epoch - 1) * len(loader)  # optimizer steps before this epoch: PRepBN's lambda is a function of it
+        self._set_lambda(done)
         self.progress.start_epoch(epoch, len(loader))
         with Stopwatch(self.device) as watch:
             for x, y in loader:
@@ -260,6 +268,7 @@ class _Run:
                 loss_sum += loss
                 correct += hits
                 steps, samples = steps + 1, samples + y.shape[0]
+                self._set_lambda(done + steps)
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.progress.step()
@@ -269,7 +278,7 @@ class _Run:
         if self.info.distributed:  # every rank ran the same steps: the global batch's loss is the ranks' mean
             mean_loss, hits, samples, seconds = sum_over_ranks([mean_loss, hits, samples, seconds])
             mean_loss, seconds = mean_loss / self.info.world_size, seconds / self.info.world_size
-        return {
+        record = {
             "epoch": epoch,
             "train/loss": mean_loss if math.isfinite(mean_loss) else math.nan,
             "train/acc": hits / samples,
@@ -277,6 +286,9 @@ class _Run:
             "throughput/train_img_s": samples / seconds,
             "lr": lr,
         }
+        if self.prepbn is not None:
+            record["prepbn/lambda"] = self.prepbn.value  # what evaluation and the checkpoint hold
+        return record
 
     def _any_rank(self, flag: bool) -> bool:
         """``flag`` or'ed over the ranks, so that all ranks take the same branch (a collective: every rank

@@ -1,14 +1,17 @@
-"""Optimizers with weight-decay groups, and the learning-rate schedule (per step)."""
+"""Optimizers with weight-decay groups, and the schedules by step: the learning rate, PRepBN's lambda."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from vitbn.config import TrainConfig
+from vitbn.models.norms import PRepBN, prepbn_lambda
 
 # Parameters that are embeddings rather than weights of a linear map: decaying them pulls them to 0.
 NO_DECAY_NAMES = ("cls_token", "pos_embedding")
@@ -78,3 +81,60 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return None
     factor = WarmupCosine(warmup, cfg.epochs * steps_per_epoch, cosine=cfg.schedule == "cosine")
     return LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class PRepBNRamp:
+    """PRepBN's lambda by optimizer step (``vitbn.models.norms.prepbn_lambda``): ``warmup`` LayerNorm-only steps,
+    then a linear fall to 0 over ``decay`` steps; 0 from step ``end`` on."""
+
+    warmup: int
+    decay: int
+
+    @property
+    def end(self) -> int:
+        return self.warmup + self.decay
+
+    def __call__(self, step: int) -> float:
+        return prepbn_lambda(step, self.warmup, self.decay)
+
+    @classmethod
+    def of_run(cls, cfg: TrainConfig, steps_per_epoch: int) -> PRepBNRamp:
+        """The ramp of a run: ``prepbn_warmup_steps`` (default a tenth of the run's steps) and
+        ``prepbn_decay_steps`` (default the rest, so lambda is 0 after the last step)."""
+        total = cfg.epochs * steps_per_epoch
+        warmup = cfg.prepbn_warmup_steps if cfg.prepbn_warmup_steps is not None else total // 10
+        decay = cfg.prepbn_decay_steps if cfg.prepbn_decay_steps is not None else max(total - warmup, 0)
+        return cls(warmup, decay)
+
+
+class PRepBNSchedule:
+    """Sets the lambda of every PRepBN of a model from the number of optimizer steps done (the engine calls
+    ``set`` before the first step and after each one), so a forward pass that is not a training step never
+    moves it and a resumed run continues the ramp exactly."""
+
+    def __init__(self, modules: list[nn.Module], ramp: PRepBNRamp) -> None:
+        self.modules, self.ramp, self.value = modules, ramp, None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> PRepBNSchedule | None:
+        """The schedule of a run, or None when ``model`` has no PRepBN; warns when lambda would not reach 0."""
+        modules = [m for m in model.modules() if isinstance(m, PRepBN)]
+        if not modules:
+            return None
+        ramp, total = PRepBNRamp.of_run(cfg, steps_per_epoch), cfg.epochs * steps_per_epoch
+        if ramp.end > total:
+            warnings.warn(
+                f"PRepBN's lambda reaches 0 at step {ramp.end}, after the run's {total} steps: the trained model "
+                "keeps part of its LayerNorms and cannot be folded",
+                stacklevel=4,
+            )
+        return cls(modules, ramp)
+
+    def set(self, steps_done: int) -> float:
+        lam = self.ramp(steps_done)
+        if lam != self.value:  # constant in the warm-up and after the ramp: nothing to write
+            for module in self.modules:
+                module.set_lambda(lam)
+            self.value = lam
+        return lam

@@ -200,6 +200,28 @@ def _recipe_models(names: tuple[str, ...] = ("vit", "vitbn")) -> list[ModelSpec]
 # runs bf16 products in a slow reference kernel, ~7x fp32.
 _RECIPES_RUN = _with(STUDY_RUN, data={"train_subset": 8000, "test_subset": 2000}, train={"epochs": 3})
 
+# The norms experiment: one depth-6 ViT recipe, each normalization in turn. Variant -> (preset, overrides).
+NORM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ln": ("vit", {}),
+    "rms": ("vit", {"norm": "rms"}),
+    "dyt": ("vit", {"norm": "dyt"}),
+    "bnffn": ("vitbnffn", {}),
+    "bn": ("vitbn", {}),
+    "prepbn": ("vit", {"norm": "prepbn"}),
+}
+
+
+def _norm_models(depth: int = 6) -> list[ModelSpec]:
+    """LayerNorm, RMSNorm, DyT and PRepBN in the ViT's norm slots, and the study's two BatchNorm placements
+    (ViTBNFFN, ViTBN), all at one depth (experiment ``norms``)."""
+    return [ModelSpec(name, depth, overrides, variant) for variant, (name, overrides) in NORM_VARIANTS.items()]
+
+
+# 12000 training images (2000 of them the validation split that selects the lr), 5000 test images, 4 epochs, fp32:
+# about 45 minutes for the 36 runs on 2 quiet CPU cores. norms-full is the full-size one (for a GPU).
+_NORMS_RUN = _with(STUDY_RUN, data={"train_subset": 12000, "test_subset": 5000, "val_size": 2000,
+                                    "test_every_epoch": False}, train={"epochs": 4})  # fmt: skip
+
 PRESETS: dict[str, ExperimentPreset] = {
     p.name: p
     for p in (
@@ -248,6 +270,26 @@ PRESETS: dict[str, ExperimentPreset] = {
             lrs=[0.0005],
             seeds=[0, 1],
             run=_with(STUDY_RUN, train={"precision": "bf16"}),
+        ),
+        ExperimentPreset(
+            name="norms",
+            description="LayerNorm, RMSNorm, DyT, BN in the feed-forward block (ViTBNFFN), BN everywhere (ViTBN) "
+            "and PRepBN everywhere, each on a depth-6 ViT, at 3 learning rates, 2 seeds, the lr selected on a "
+            "2000-image validation split; 10000 training and 5000 test images, 4 epochs, fp32 (a 2-core CPU "
+            "budget; norms-full is the full one).",
+            models=_norm_models(),
+            lrs=[0.0005, 0.005, 0.01],
+            seeds=[0, 1],
+            run=_NORMS_RUN,
+        ),
+        ExperimentPreset(
+            name="norms-full",
+            description="The norms experiment at full size (for a GPU): 60000 training images (10000 of them for "
+            "validation), the 10000 test images, 30 epochs, bf16, 3 learning rates, seeds 0 to 2.",
+            models=_norm_models(),
+            lrs=[0.0005, 0.005, 0.01],
+            seeds=[0, 1, 2],
+            run=_with(STUDY_RUN, data={"val_size": 10000, "test_every_epoch": False}, train={"precision": "bf16"}),
         ),
         ExperimentPreset(
             name="study-tune",

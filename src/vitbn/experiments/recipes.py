@@ -36,17 +36,11 @@ class RecipesReport:
 def batch1_latency(configs: dict[str, object], repeats: int = 7, min_repeat_s: float = 0.2) -> dict[str, float]:
     """Milliseconds per batch-1 forward pass of each config's model (eval, fp32, eager, CPU), median over
     interleaved rounds."""
-    from vitbn.bench.cases import infer_case
-    from vitbn.bench.timing import interleave, warm_up
+    from vitbn.bench.cases import eval_img_s
     from vitbn.models import build_model
 
-    device = torch.device("cpu")
-    cases = {label: infer_case(label, build_model(c), precision="fp32", batch=1, device=device, compile=False)
-             for label, c in configs.items()}  # fmt: skip
-    for case in cases.values():
-        warm_up(case, 3, min_repeat_s)
-    interleave(list(cases.values()), repeats)
-    return {label: 1000.0 / case.img_s for label, case in cases.items()}
+    img_s = eval_img_s({label: build_model(c) for label, c in configs.items()}, 1, repeats, min_repeat_s)
+    return {label: 1000.0 / value for label, value in img_s.items()}
 
 
 def recipes_table(runs: pd.DataFrame, history: pd.DataFrame, latency: dict[str, float]) -> pd.DataFrame:
@@ -108,18 +102,18 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame, path
     return path
 
 
-def _provenance(client, run_ids, preset: str) -> str:
-    """Which command, commit and machine made the runs (from their tags) and the latency column (now)."""
+def provenance(client, run_ids, preset: str, command: str = "recipes", measured: str = "the latency column") -> str:
+    """Which command, commit and machine made the runs (from their tags) and ``measured`` (when the report is
+    built)."""
     from vitbn.bench.system import device_name
 
     tags = [client.get_run(run_id).data.tags for run_id in run_ids]
     commits = sorted({t.get("git_commit", "unknown")[:7] for t in tags})
     threads = sorted({t.get("threads", "?") for t in tags})
     return (
-        f"Made by `vitbn experiment recipes` (preset {preset.split(' ')[0]!r}); the training runs at commit "
+        f"Made by `vitbn experiment {command}` (preset {preset.split(' ')[0]!r}); the training runs at commit "
         f"{', '.join(commits)} on {device_name(torch.device('cpu'))} ({os.cpu_count()} cores, {', '.join(threads)} "
-        f"threads, torch {torch.__version__}); the latency column measured when this report was built, on the same "
-        "machine."
+        f"threads, torch {torch.__version__}); {measured} measured when this report was built, on the same machine."
     )
 
 
@@ -132,12 +126,12 @@ def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | N
     for run_id, label in zip(runs.runs["run_id"], runs.runs["label"]):
         configs.setdefault(label, model_config_from_params(client.get_run(run_id).data.params))
     table = recipes_table(runs.runs, runs.history, batch1_latency(configs))
-    provenance = _provenance(client, runs.runs["run_id"], parent.info.run_name)
+    origin = provenance(client, runs.runs["run_id"], parent.info.run_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = _figure(table, runs.history, runs.runs, out / "recipes.png")
     text = [
-        f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "", provenance, "",
+        f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "", origin, "",
         markdown_table(HEADER, _cells(table, configs)), "",
         "final/best acc: test accuracy after the last epoch / best over epochs (mean over seeds); T: median seconds "
         "per epoch (epoch 1 excluded when there are more than 2); latency: one eval-mode forward pass of a single "

@@ -9,12 +9,7 @@ from torch import nn
 
 from vitbn.config import ModelConfig
 from vitbn.models.layers import Attention, BranchLinear, FeedForward, attend, dropout_or_identity, use_explicit
-from vitbn.models.norms import make_norm
-
-
-def bn_options(config: ModelConfig) -> dict:
-    """The TokenBatchNorm keywords a config implies."""
-    return {"stats": config.bn_stats, "momentum": config.bn_momentum, "ghost_batch_size": config.ghost_batch_size}
+from vitbn.models.norms import make_norm, norm_options
 
 
 def drop_path_rates(config: ModelConfig) -> list[float]:
@@ -67,14 +62,14 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, drop_path: float = 0.0) -> None:
         super().__init__()
-        bn = bn_options(config)
+        opts = norm_options(config)
         self.attn = Attention(
             dim=config.dim, heads=config.heads, dim_head=config.dim_head, dropout=config.dropout,
-            norm=config.attn_norm, impl=config.attn_impl, **bn,
+            norm=config.attn_norm, impl=config.attn_impl, **opts,
         )  # fmt: skip
         self.ff = FeedForward(
             dim=config.dim, hidden_dim=config.mlp_dim, dropout=config.dropout, norm=config.ffn_norm,
-            inner_norm=config.ffn_inner_norm, **bn,
+            inner_norm=config.ffn_inner_norm, **opts,
         )  # fmt: skip
         self.attn_scale, self.ff_scale = _scale_or_identity(config), _scale_or_identity(config)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -111,7 +106,7 @@ class ParallelAttention(nn.Module):
         self.heads, self.dim_head, self.impl = config.heads, config.dim_head, config.attn_impl
         self.scale = config.dim_head**-0.5
         self.attn_dropout = config.dropout
-        self.norms = nn.ModuleList(make_norm(config.attn_norm, config.dim, **bn_options(config)) for _ in range(k))
+        self.norms = nn.ModuleList(make_norm(config.attn_norm, config.dim, **norm_options(config)) for _ in range(k))
         self.to_qkv = BranchLinear(k, config.dim, 3 * inner, bias=False)
         self.attn_drop = dropout_or_identity(config.dropout)
         self.to_out = BranchLinear(k, inner, config.dim)
@@ -147,10 +142,10 @@ class ParallelFeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        k, bn = config.parallel, bn_options(config)
-        self.norms = nn.ModuleList(make_norm(config.ffn_norm, config.dim, **bn) for _ in range(k))
+        k, opts = config.parallel, norm_options(config)
+        self.norms = nn.ModuleList(make_norm(config.ffn_norm, config.dim, **opts) for _ in range(k))
         self.fc1 = BranchLinear(k, config.dim, config.mlp_dim)
-        self.inner_norms = nn.ModuleList(make_norm(config.ffn_inner_norm, config.mlp_dim, **bn) for _ in range(k))
+        self.inner_norms = nn.ModuleList(make_norm(config.ffn_inner_norm, config.mlp_dim, **opts) for _ in range(k))
         self.act = nn.GELU()
         self.drop1 = dropout_or_identity(config.dropout)
         self.fc2 = BranchLinear(k, config.mlp_dim, config.dim)
@@ -204,7 +199,7 @@ class Transformer(nn.Module):
         super().__init__()
         block = Block if config.parallel == 1 else ParallelBlock
         self.layers = nn.ModuleList(block(config, rate) for rate in drop_path_rates(config))
-        self.norm = make_norm(config.final_norm, config.dim, **bn_options(config))
+        self.norm = make_norm(config.final_norm, config.dim, **norm_options(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.layers:

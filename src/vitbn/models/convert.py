@@ -11,7 +11,10 @@ import re
 
 import torch
 
+from vitbn.config import NORM_SLOTS
 from vitbn.models.vit import ViT
+
+VIT_PYTORCH_NORMS = ("layer", "batch", "none")
 
 # vit-pytorch name -> vitbn name (regex on the full key; the block index is kept).
 _RENAMES = (
@@ -79,5 +82,12 @@ def vit_from_vit_pytorch(state_dict: dict[str, torch.Tensor], **vit_kwargs) -> V
     if is_old_layout(state_dict):
         vit_kwargs.setdefault("class_token", True)
     model = ViT(**vit_kwargs)
+    for slot in NORM_SLOTS:
+        kind = getattr(model.config, slot)
+        if kind not in VIT_PYTORCH_NORMS:
+            raise ValueError(
+                f"vit-pytorch has no {kind!r} norm ({slot}): its checkpoints hold LayerNorm (or BatchNorm in the "
+                "study's fork) only"
+            )
     model.load_state_dict(convert_vit_pytorch_state_dict(state_dict), strict=True)
     return model

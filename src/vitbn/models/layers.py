@@ -31,15 +31,15 @@ class PatchEmbed(nn.Module):
         channels: int,
         dim: int,
         norm: str,
-        **bn_options,
+        **norm_options,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
         patch_dim = channels * patch_size[0] * patch_size[1]
-        self.norm_in = make_norm(norm, patch_dim, **bn_options)
+        self.norm_in = make_norm(norm, patch_dim, **norm_options)
         self.proj = nn.Linear(patch_dim, dim)
-        self.norm_out = make_norm(norm, dim, **bn_options)
+        self.norm_out = make_norm(norm, dim, **norm_options)
 
     def patchify(self, img: torch.Tensor) -> torch.Tensor:
         b, c, _, _ = img.shape
@@ -81,14 +81,14 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, *, dim: int, heads: int, dim_head: int, dropout: float, norm: str, impl: str = "auto", **bn_options
+        self, *, dim: int, heads: int, dim_head: int, dropout: float, norm: str, impl: str = "auto", **norm_options
     ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head, self.impl = heads, dim_head, impl
         self.scale = dim_head**-0.5
         self.attn_dropout = dropout
-        self.norm = make_norm(norm, dim, **bn_options)
+        self.norm = make_norm(norm, dim, **norm_options)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.attn_drop = dropout_or_identity(dropout)
         project_out = not (heads == 1 and dim_head == dim)  # vit-pytorch skips it in this case
@@ -191,11 +191,13 @@ class FeedForward(nn.Module):
     between fc1 and GELU.
     """
 
-    def __init__(self, *, dim: int, hidden_dim: int, dropout: float, norm: str, inner_norm: str, **bn_options) -> None:
+    def __init__(
+        self, *, dim: int, hidden_dim: int, dropout: float, norm: str, inner_norm: str, **norm_options
+    ) -> None:
         super().__init__()
-        self.norm = make_norm(norm, dim, **bn_options)
+        self.norm = make_norm(norm, dim, **norm_options)
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.inner_norm = make_norm(inner_norm, hidden_dim, **bn_options)
+        self.inner_norm = make_norm(inner_norm, hidden_dim, **norm_options)
         self.act = nn.GELU()
         self.drop1 = dropout_or_identity(dropout)
         self.fc2 = nn.Linear(hidden_dim, dim)

@@ -4,7 +4,8 @@ convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see 
 Both map (B, C, H, W) images to (B, h*w, D) tokens in the row-major patch order of ``PatchEmbed``. Their norms
 act on (B, C, h, w) feature maps: ``nn.BatchNorm2d`` when the model's ``embed_norm`` is ``"batch"`` (per
 channel; ghost and scalar statistics are options of the token norms only), a LayerNorm over the channels of
-each position when it is ``"layer"``, nothing for ``"none"``.
+each position when it is ``"layer"``, the token norm over the channels of each position for the other kinds
+(``rms``, ``dyt``, ``repbn``, ``prepbn``: ``ChannelsLast``), nothing for ``"none"``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from vitbn.config import ModelConfig, hmlp_factors, pair
+from vitbn.models.norms import ChannelsLast, make_norm, norm_options
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -23,13 +25,16 @@ class ChannelLayerNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def channel_norm(kind: str, channels: int, momentum: float) -> nn.Module:
+def channel_norm(config: ModelConfig, channels: int) -> nn.Module:
     """The norm of a stem stage (see the module docstring)."""
+    kind = config.embed_norm
     if kind == "batch":
-        return nn.BatchNorm2d(channels, momentum=momentum)
+        return nn.BatchNorm2d(channels, momentum=config.bn_momentum)
     if kind == "layer":
         return ChannelLayerNorm(channels)
-    return nn.Identity()
+    if kind == "none":
+        return nn.Identity()
+    return ChannelsLast(make_norm(kind, channels, **norm_options(config)))
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,7 @@ class HMLPStem(nn.Module):
         for i, (k, width) in enumerate(zip(self.factors, widths)):
             layers += [
                 nn.Conv2d(channels, width, kernel_size=k, stride=k),
-                channel_norm(config.embed_norm, width, config.bn_momentum),
+                channel_norm(config, width),
             ]
             if i < len(self.factors) - 1:
                 layers.append(nn.GELU())
@@ -100,7 +105,7 @@ class ConvStem(nn.Module):
         for width in widths:
             layers += [
                 nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1, bias=config.embed_norm != "batch"),
-                channel_norm(config.embed_norm, width, config.bn_momentum),
+                channel_norm(config, width),
                 nn.ReLU(),
             ]
             channels = width

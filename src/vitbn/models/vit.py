@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from vitbn.config import VARIANT_NORMS, ModelConfig, pair
-from vitbn.models.blocks import Transformer, bn_options
+from vitbn.models.blocks import Transformer
 from vitbn.models.layers import PatchEmbed, dropout_or_identity, sincos_1d, sincos_2d
+from vitbn.models.norms import norm_options
 from vitbn.models.stems import ConvStem, HMLPStem
 
 
@@ -27,7 +28,7 @@ class VisionTransformer(nn.Module):
         image, patch = pair(c.image_size), pair(c.patch_size)
         if c.stem == "linear":
             self.to_patch_embedding = PatchEmbed(
-                image_size=image, patch_size=patch, channels=c.channels, dim=c.dim, norm=c.embed_norm, **bn_options(c)
+                image_size=image, patch_size=patch, channels=c.channels, dim=c.dim, norm=c.embed_norm, **norm_options(c)
             )
         else:
             self.to_patch_embedding = HMLPStem(c) if c.stem == "hmlp" else ConvStem(c)
