@@ -298,3 +298,37 @@ def test_recipe_section_pairs_parallel_with_sequential_and_hmlp_with_linear(cli_
     assert "recipes (eager, interleaved" in text and "vit    parallel 3x2     fp32 infer     1" in text
     assert "vit parallel 3x2 / sequential 6x1 fp32 infer b1" in text
     assert text.split("stem FLOPs per image")[1].count(" == ") == 4
+
+
+def test_norms_section_times_every_norm_in_every_mode_against_layernorm(cli_run):
+    text, result = cli_run
+    section = result["norms"]
+    variants = ("ln", "rms", "dyt", "bnffn", "bn", "prepbn")
+    assert list(section["models"]) == list(variants)
+    cells = {(r["variant"], r["mode"], r["batch"]) for r in section["rows"] if r["precision"] == "fp32"}
+    assert cells == {(v, "train", 8) for v in variants} | {
+        (v, m, b) for v in variants for m in ("infer", "infer_folded") for b in (1, 16)
+    }  # --quick: no compiled cases
+    assert all(r["img_s"] > 0 and r["error"] is None for r in section["rows"])
+    models = section["models"]  # the matrix products are the same for every norm, folded or not
+    assert len({m["flops_img"] for m in models.values()} | {m["folded_flops_img"] for m in models.values()}) == 1
+    assert models["ln"]["flops_img"] == analytic_forward_flops(6, **TINY)
+    assert models["bn"]["unfolded"] == "none" and models["prepbn"]["unfolded"] == "none"
+    assert models["dyt"]["unfolded"] == "fuse_bn left 15 norm(s) unfolded: 15 DyT (tanh is nonlinear)"
+    assert models["bnffn"]["unfolded"].startswith("fuse_bn left 9 norm(s) unfolded: 9 LayerNorm")
+    assert (models["prepbn"]["name"], models["bnffn"]["name"]) == ("vit+norm=prepbn", "vitbnffn")
+    ratios = {r["what"]: r["ratio"] for r in section["ratios"]}
+    assert {f"{v} / ln infer_folded fp32 b1" for v in variants[1:]} <= set(ratios)
+    assert "prepbn folded / eager fp32 b16" in ratios and all(r > 0 for r in ratios.values())
+    assert "norms (depth 6;" in text and "PRepBN everywhere" in text and "prepbn / ln train fp32 b8" in text
+
+
+def test_quick_bench_leaves_out_bf16_where_the_cpu_has_no_bf16_instructions(monkeypatch):
+    from vitbn.bench import system
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2", "fma"})
+    assert BenchOptions.quick().precisions == ("fp32",)
+    assert BenchOptions.quick(precisions=("fp32", "bf16")).precisions == ("fp32", "bf16")  # asked for: kept
+    monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert BenchOptions.quick().precisions == ("fp32", "bf16") and BenchOptions().precisions == ("fp32", "bf16")

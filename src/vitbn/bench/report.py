@@ -93,6 +93,10 @@ def format_report(result: dict) -> str:
         from vitbn.bench.recipes import format_recipes
 
         out += ["", format_recipes(result["recipes"])]
+    if result.get("norms"):
+        from vitbn.bench.norms import format_norms
+
+        out += ["", format_norms(result["norms"])]
     loader = result.get("loader")
     if loader:
         detail = f"{loader['epoch_s']:.3f} s per epoch of {loader['images']} images" if loader["epoch_s"] else ""

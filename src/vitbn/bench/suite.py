@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vitbn.bench import cases as C
-from vitbn.bench.system import environment, tune_cpu_allocator
+from vitbn.bench.system import environment, native_bf16, tune_cpu_allocator
 from vitbn.bench.timing import Case, interleave, matmul_case, paired_ratio, summarize, warm_up
 from vitbn.config import PRECISIONS
 from vitbn.engine.device import resolve_device
@@ -49,13 +49,16 @@ class BenchOptions:
     profile_iters: int = 3  # profiled calls per case for those shares
     tune_allocator: bool = False  # vitbn.bench.system.tune_cpu_allocator() before measuring
     recipes: bool = True  # the recipe section: parallel vs sequential blocks, hMLP vs linear stem
+    norms: bool = True  # the norms section: LayerNorm, RMSNorm, DyT, BN (FFN, everywhere), PRepBN at depth 6
     short: bool = False  # set by ``quick()``: the recipe section measures fewer layouts and batches too
     overrides: dict = field(default_factory=dict)  # ModelConfig fields for every model (tests, studies)
 
     @classmethod
     def quick(cls, **changes) -> BenchOptions:
-        """The study's depths only, no compilation, 3 short rounds: under two minutes on 2 CPU cores."""
+        """The study's depths only, no compilation, 3 short rounds, bf16 only where the hardware has it: a few
+        minutes on 2 CPU cores."""
         base = dict(depths=("study",), compile=False, warmup=1, repeats=3, min_repeat_s=0.1, loader_epochs=1)
+        base["precisions"] = ("fp32", "bf16") if native_bf16() else ("fp32",)
         base.update(profile_iters=1, short=True)
         return cls(**{**base, **changes})
 
@@ -305,6 +308,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         log(f"timing {len(measured)} cases in {options.repeats} interleaved rounds ...")
         interleave([*peaks.values(), *measured.values()], options.repeats)
         recipes = _recipes(options, device, log) if options.recipes else None
+        norms = _norms(options, device, compile_error, log) if options.norms else None
     loader = time_loader(options.batch_size, device, options.loader_epochs) if options.loader else None
     meta = {
         **env,
@@ -324,6 +328,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         "rows": rows,
         "comparisons": comparisons(measured, extras),
         "recipes": recipes,
+        "norms": norms,
     }
 
 
@@ -337,3 +342,13 @@ def _recipes(options: BenchOptions, device: torch.device, log: Callable[[str], N
     recipe = make(models=models, precisions=options.precisions, train_batch=options.batch_size,
                   overrides=tuple(options.overrides.items()))  # fmt: skip
     return run_recipes(recipe, device, options.repeats, options.warmup, options.min_repeat_s, log)
+
+
+def _norms(options: BenchOptions, device: torch.device, compile_error: str | None, log: Callable[[str], None]) -> dict:
+    """The norms section at depth 6, with the main table's precisions, batches and compile setting."""
+    from vitbn.bench.norms import NormOptions, run_norms
+
+    norm = NormOptions(precisions=options.precisions, batches=(1, options.infer_batch_size),
+                       train_batch=options.batch_size, compile=options.compile,
+                       overrides=tuple(options.overrides.items()))  # fmt: skip
+    return run_norms(norm, device, options.repeats, options.warmup, options.min_repeat_s, compile_error, log)

@@ -42,7 +42,11 @@ def register(subparsers) -> None:
         type=lambda s: [_depth(t) for t in _list(s)],
         help="comma-separated: study (ViT 6, BN models 1), equal (6), or integers (default: study,equal)",
     )
-    p.add_argument("--precisions", type=_list, help="comma-separated: fp32, bf16 (default: both)")
+    p.add_argument(
+        "--precisions",
+        type=_list,
+        help="comma-separated: fp32, bf16 (default: both; with --quick, bf16 only where the hardware has it)",
+    )
     p.add_argument("--modes", type=_list, help="comma-separated: train, infer, infer_folded (default: all)")
     p.add_argument("--batch-size", type=int, help="training batch (default 100)")
     p.add_argument("--infer-batch-size", type=int, help="inference batch (default 1000)")
@@ -78,6 +82,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-recipes", dest="recipes", action="store_false", default=None,
                    help="skip the recipe section (parallel vs sequential blocks, hMLP vs linear stem)")  # fmt: skip
+    p.add_argument("--no-norms", dest="norms", action="store_false", default=None,
+                   help="skip the norms section (LayerNorm, RMSNorm, DyT, BN, PRepBN at depth 6)")  # fmt: skip
     add_set_argument(p, help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)")
     add_flags(p.add_argument_group("model knobs for every model (as --set)"), BENCH_MODEL_FLAGS)
     p.add_argument("--out", help="write the result as JSON to this file")
@@ -103,6 +109,7 @@ _FIELDS = (
     "profile_norms",
     "profile_iters",
     "recipes",
+    "norms",
 )
 # The shared model flags, but the bench's own --models and --depths choose the presets and depths.
 BENCH_MODEL_FLAGS = pick(MODEL_FLAGS, drop=("--model", "--depth"))

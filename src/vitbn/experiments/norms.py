@@ -182,6 +182,7 @@ def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | Non
         configs.setdefault(label, model_config_from_params(client.get_run(run_id).data.params))
     by_lr = by_lr_table(runs.runs, runs.history)
     table = norms_table(runs.runs, by_lr, folded_throughput(configs))
+    table["model"] = [configs[label].name for label in table["label"]]  # "vit+norm=prepbn", not the preset's
     origin = provenance(client, runs.runs["run_id"], parent.info.run_name, "norms", "the throughput columns")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
