@@ -28,10 +28,21 @@ from vitbn.bn.distributed import (
 from vitbn.data import Split
 from vitbn.errors import UserError
 from vitbn.models import create_model
+from vitbn.models.norms import set_prepbn_lambda
 
 TINY = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32)
 # The recipes too: parallel branches (one BN per branch) and an hMLP stem (BatchNorm2d).
 RECIPES = dict(TINY, depth=1, parallel=2, stem="hmlp", patch_size=4)
+# And PRepBN mid-ramp (lambda 0.5): the BatchNorm inside each RepBN synchronizes like any other.
+PREPBN = dict(TINY, norm="prepbn")
+
+
+def _prepbn_model() -> nn.Module:
+    model = create_model("vit", **PREPBN).train()
+    set_prepbn_lambda(model, 0.5)
+    return model
+
+
 BATCH = 8
 
 
@@ -134,6 +145,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     model = wrap_ddp(create_model("vitbn", **RECIPES).train(), sync_bn=True, device="cpu")
     result["recipes"] = {**_one_step(model, local_x, local_y),
                          "converted": sum(isinstance(m, AllReduceSyncBatchNorm) for m in model.modules())}  # fmt: skip
+    torch.manual_seed(0)
+    model = wrap_ddp(_prepbn_model(), sync_bn=True, device="cpu")
+    result["prepbn"] = {**_one_step(model, local_x, local_y),
+                        "converted": sum(isinstance(m, AllReduceSyncBatchNorm) for m in model.modules())}  # fmt: skip
     destroy_distributed()
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
@@ -171,6 +186,15 @@ def test_ddp_with_sync_bn_matches_one_process(tmp_path):
         assert_close(recipes["stats"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for key, value in single_recipes["grads"].items():
         assert_close(recipes["grads"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+    torch.manual_seed(0)
+    single_prepbn = _one_step(_prepbn_model(), x, y)
+    prepbn = ranks[0]["prepbn"]
+    assert prepbn["converted"] == 7  # patch embedding 2, 2 blocks x (attention + feed-forward), final
+    for key, value in single_prepbn["stats"].items():
+        assert_close(prepbn["stats"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in single_prepbn["grads"].items():
+        assert_close(prepbn["grads"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
     plain = ranks[0][False]  # each rank normalizes its own half: different statistics
     key = "transformer.norm.bn.running_var"

@@ -14,9 +14,10 @@ import vitbn.bn.study as study
 from vitbn.bn import recompute_bn_stats
 from vitbn.cli import main
 from vitbn.data import InMemoryLoader, load_dataset
-from vitbn.engine.checkpoint import export_model
+from vitbn.engine.checkpoint import export_model, load_model
 from vitbn.errors import UserError
 from vitbn.models import TokenBatchNorm, create_model
+from vitbn.models.norms import prepbn_state
 from vitbn.tracking import MemoryTracker
 
 TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
@@ -162,10 +163,11 @@ def test_cli_bn_study(trained, tmp_path, capsys):
     assert "NBS [4096] must be integers in [1, 64]" in capsys.readouterr().err
 
 
-def test_cli_bn_study_trains_a_preset(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["vitbn", "vit+norm=prepbn"])  # PRepBN: the BatchNorms inside its RepBNs
+def test_cli_bn_study_trains_a_preset(tmp_path, capsys, name):
     out = tmp_path / "report"
     sets = [a for kv in ("dim=16", "depth=1", "heads=2", "dim_head=8", "mlp_dim=32") for a in ("--set", kv)]
-    args = ["bn-study", "vitbn", "--train-epochs", "1", *sets, "--train-subset", "96", "--test-subset", "32",
+    args = ["bn-study", name, "--train-epochs", "1", *sets, "--train-subset", "96", "--test-subset", "32",
             "--batch-size", "32", "--nbs", "8", "--precise-images", "16", "--device", "cpu", "--out-dir", str(out),
             "--no-track"]  # fmt: skip
     assert main(args) == 0
@@ -174,6 +176,8 @@ def test_cli_bn_study_trains_a_preset(tmp_path, capsys):
     with (out / "bn_study.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert row["nbs"] == "8" and row["train_images"] == "96" and row["precise_images"] == "16"
+    trained = load_model(models[0])
+    assert trained.config.name == name and prepbn_state(trained) == (0.0 if "prepbn" in name else None)
     capsys.readouterr()
     assert main(["bn-study", str(models[0]), "--train-epochs", "1", "--no-track"]) == 2
     assert "--train-epochs and --set apply to a preset name" in capsys.readouterr().err

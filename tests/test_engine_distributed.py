@@ -161,3 +161,42 @@ def test_torchrun_sync_bn_matches_one_process_and_resumes(tmp_path):
     for key, value in expected.items():
         assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert any("running_var" in k for k in ddp)
+
+
+_TEARDOWN = """
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from vitbn.bn.distributed import destroy_distributed, exit_process, init_distributed
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+base = tasks()
+assert exit_process(5) == 5  # not in a group yet: a plain return
+init_distributed("cpu")
+model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+model(torch.randn(3, 4)).sum().backward()
+t = torch.ones(2)
+dist.all_reduce(t)
+del model, t
+destroy_distributed(barrier=True)
+print("threads", base, tasks())
+exit_process(3)
+print("not reached")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_rank_leaves_without_finalizing_the_interpreter_while_gloo_threads_live(tmp_path):
+    """The cause of torchrun's SIGABRT, deterministically: after DDP, destroying the process group leaves gloo's
+    native threads running, so a rank must not finalize the interpreter (a worker thread freeing an all-reduce's
+    tensor then needs the GIL, and dies in std::terminate). ``exit_process`` leaves with os._exit, output
+    flushed; before joining a group it just returns the code."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _TEARDOWN], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    base, after = map(int, proc.stdout.split("threads")[1].split())
+    assert after > base  # the backend's threads outlived destroy_process_group
+    assert "not reached" not in proc.stdout and "terminate called" not in proc.stderr

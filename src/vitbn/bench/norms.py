@@ -134,8 +134,8 @@ def format_norms(section: dict) -> str:
     from vitbn.experiments.norms import NORM_NAMES
 
     models, rows = section["models"], section["rows"]
-    lines = ["norms (depth 6; img/s, median of interleaved rounds; PRepBN trains at lambda 0.5, infers at 0; "
-             "folded = fuse_bn):"]  # fmt: skip
+    lines = ["norms (depth 6; img/s, median of interleaved rounds ± (max - min) / median %; PRepBN trains at "
+             "lambda 0.5, infers at 0; folded = fuse_bn):"]  # fmt: skip
     for variant, m in models.items():
         lines.append(f"  {NORM_NAMES.get(variant, variant):<22} {m['name']:<16} {m['params']:>9,} params  "
                      f"{m['flops_img'] / 1e6:.2f} MFLOP/img ({m['folded_flops_img'] / 1e6:.2f} folded)  "
@@ -150,7 +150,8 @@ def format_norms(section: dict) -> str:
                 match = [r for r in rows if (r["variant"], r["mode"], r["precision"], r["batch"]) ==
                          (variant, mode, precision, batch)]  # fmt: skip
                 r = match[0] if match else None
-                cells.append(f"{'n/a' if r is None or r['error'] else format(r['img_s'], ',.0f'):>15}")
+                text = "n/a" if r is None or r["error"] else f"{r['img_s']:,.0f} ±{r['spread_pct']:.0f}"
+                cells.append(f"{text:>15}")
             lines.append(f"{'':<6} {NORM_NAMES.get(variant, variant):<22} {' '.join(cells)}")
     errors = sorted({r["error"] for r in rows if r["error"]})
     lines += [f"  n/a: {e}" for e in errors]

@@ -8,6 +8,7 @@ of rank 0 (``is_main_process``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from vitbn.errors import UserError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH_HINT = "launch with torchrun --nproc-per-node N -m vitbn train ..."
+_joined = False  # this process joined a process group (its backend's native threads may outlive it)
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,50 @@ def init_distributed(device: str | torch.device = "cpu", *, sync_bn: bool = Fals
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    global _joined
+    _joined = True
     return DistInfo(rank, world, local_rank, backend)
 
 
-def destroy_distributed() -> None:
-    """Leaves the process group, if any."""
+def destroy_distributed(*, barrier: bool = False) -> None:
+    """Leaves the process group, if any.
+
+    Args:
+        barrier: meet the other ranks first (after a run that ended the same way on all of them: rank 0's tracking
+            and model writes are then done before any rank leaves). Not after an error, where another rank may
+            never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def exit_process(code: int) -> int:
+    """Ends a process that joined a process group with ``os._exit(code)`` once its output is flushed, so that the
+    interpreter never finalizes while the backend's threads live; returns ``code`` in any other process.
+
+    Why: ``destroy_process_group`` does not stop gloo's worker threads while DDP still holds the backend (it
+    does, from C++, after the wrapper is gone). A worker thread drops its last reference to an all-reduce's
+    tensors just after the caller's ``wait()`` returns; if the main thread is already finalizing the interpreter
+    by then (a rank with nothing left to do, on a loaded machine), freeing such a tensor's Python object needs
+    the GIL, ``take_gil`` exits the thread during finalization, and the forced unwind through a ``noexcept``
+    destructor is ``std::terminate``: "terminate called without an active exception", SIGABRT (seen in a core
+    of rank 1: ``AsyncAllreduceWork::~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject`` ->
+    ``PyEval_AcquireThread`` -> ``pthread_exit``, the main thread in ``Py_FinalizeEx``).
+    """
+    if not _joined:
+        return code
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing left to flush
+            stream.flush()
+    os._exit(code)
 
 
 def is_main_process() -> bool:

@@ -52,5 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The ``vitbn`` script: ``main``, and a rank of a distributed run leaves with ``exit_process``."""
+    from vitbn.bn.distributed import exit_process
+
+    return exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

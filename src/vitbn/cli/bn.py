@@ -67,11 +67,16 @@ def _data_config(args: argparse.Namespace):
 
 def _model(args: argparse.Namespace, data):
     """The model to study: read from a file, or a preset trained for ``--train-epochs`` on ``data``."""
+    from vitbn.config import ModelConfig
     from vitbn.errors import UserError
-    from vitbn.models import list_models
 
     path = Path(args.model)
-    if args.model not in list_models() or path.exists():
+    try:  # a preset or a name built on one: "vitbn", "vit+norm=prepbn"
+        ModelConfig.from_preset(args.model)
+        is_name = True
+    except ValueError:
+        is_name = False
+    if not is_name or path.exists():
         if args.train_epochs is not None or args.overrides:
             raise UserError(f"--train-epochs and --set apply to a preset name, not to the model file {path}")
         from vitbn.engine.checkpoint import load_model

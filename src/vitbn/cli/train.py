@@ -82,11 +82,13 @@ def run_train(args: argparse.Namespace) -> int:
     from vitbn.engine import fit
 
     config = config_from_args(args)
+    result = None
     try:
         result = fit(config, progress=args.progress)
         main = is_main_process()
     finally:
-        destroy_distributed()
+        # every rank returns from fit with the same status: they meet before leaving (not after an error)
+        destroy_distributed(barrier=result is not None and result.status != "killed")
     name, epochs = result.out_dir.name, len(result.history)
     if result.status == "diverged":
         if main:
