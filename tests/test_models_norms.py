@@ -28,14 +28,6 @@ TINY = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32)
 DATA = dict(train_subset=160, test_subset=80, val_size=40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return prepare_data(DataConfig(**DATA))

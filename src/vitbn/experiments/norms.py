@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitbn.experiments.recipes import provenance
-from vitbn.experiments.runs import mlflow_client, resolve_parent
-from vitbn.report.runs import load_run_set, model_config_from_params
+from vitbn.experiments.recipes import load_experiment, provenance, write_report
 from vitbn.report.tables import markdown_table, per_epoch_median
 
 COLLAPSE_ACC = 0.2
@@ -174,22 +172,16 @@ def _figure(table: pd.DataFrame, by_lr: pd.DataFrame, path: Path) -> Path:
 
 def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> NormsReport:
     """The norms tables (Markdown) and figure of the experiment whose parent run is ``key`` (id or name)."""
-    client = mlflow_client(tracking_uri)
-    parent = resolve_parent(client, key, None)
-    runs = load_run_set(client, parent)
-    configs = {}
-    for run_id, label in zip(runs.runs["run_id"], runs.runs["label"]):
-        configs.setdefault(label, model_config_from_params(client.get_run(run_id).data.params))
+    client, parent, runs, configs = load_experiment(key, tracking_uri)
     by_lr = by_lr_table(runs.runs, runs.history)
     table = norms_table(runs.runs, by_lr, folded_throughput(configs))
     table["model"] = [configs[label].name for label in table["label"]]  # "vit+norm=prepbn", not the preset's
-    origin = provenance(client, runs.runs["run_id"], parent.info.run_name, "norms", "the throughput columns")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = _figure(table, by_lr, out / "norms.png")
     lr_header, lr_cells = _lr_cells(by_lr)
-    text = [
-        f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "", origin, "",
+    body = [
+        provenance(client, runs.runs["run_id"], parent.info.run_name, "norms", "the throughput columns"), "",
         markdown_table(HEADER, _cells(table)), "",
         "selected lr: the lr with the best mean validation accuracy over the seeds (a failed seed counts 0); val / "
         "test acc: after the last epoch at that lr, mean (± sample std) over the seeds that trained; diverged: "
@@ -199,11 +191,6 @@ def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | Non
         "lambda 0; LayerNorm, RMSNorm and DyT are not foldable and stay), eval mode, fp32, eager, the norms timed "
         "in interleaved rounds when the report was built.", "",
         "Every learning rate:", "", markdown_table(lr_header, lr_cells), "",
-        *[f"Note: {n}" for n in runs.notes], "",
-        f"![norms]({figure.name})", "",
+        *[f"Note: {n}" for n in runs.notes],
     ]  # fmt: skip
-    markdown = out / "report.md"
-    markdown.write_text("\n".join(text))
-    for path in (markdown, figure):
-        client.log_artifact(parent.info.run_id, str(path), "report")
-    return NormsReport(table, by_lr, markdown, figure)
+    return NormsReport(table, by_lr, write_report(client, parent, out, body, figure), figure)

@@ -117,29 +117,42 @@ def provenance(client, run_ids, preset: str, command: str = "recipes", measured:
     )
 
 
-def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> RecipesReport:
-    """The recipes table (Markdown) and figure of the experiment whose parent run is ``key`` (id or name)."""
+def load_experiment(key: str, tracking_uri: str | None = None):
+    """The tracked experiment whose parent run is ``key`` (id or name): ``(client, parent, runs, configs)``, with
+    ``runs`` its ``RunSet`` and ``configs`` each label's ``ModelConfig`` (from its first run's params)."""
     client = mlflow_client(tracking_uri)
     parent = resolve_parent(client, key, None)
     runs = load_run_set(client, parent)
     configs = {}
     for run_id, label in zip(runs.runs["run_id"], runs.runs["label"]):
         configs.setdefault(label, model_config_from_params(client.get_run(run_id).data.params))
-    table = recipes_table(runs.runs, runs.history, batch1_latency(configs))
-    origin = provenance(client, runs.runs["run_id"], parent.info.run_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figure = _figure(table, runs.history, runs.runs, out / "recipes.png")
-    text = [
-        f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "", origin, "",
-        markdown_table(HEADER, _cells(table, configs)), "",
-        "final/best acc: test accuracy after the last epoch / best over epochs (mean over seeds); T: median seconds "
-        "per epoch (epoch 1 excluded when there are more than 2); latency: one eval-mode forward pass of a single "
-        "image, fp32, eager, median of interleaved rounds, measured when the report was built.", "",
-        f"![recipes]({figure.name})", "",
-    ]  # fmt: skip
+    return client, parent, runs, configs
+
+
+def write_report(client, parent, out: Path, body: list[str], figure: Path) -> Path:
+    """``out/report.md``: the parent's name and description, then ``body`` and the figure; both files are logged
+    to the parent run under ``report/``."""
+    text = [f"# {parent.info.run_name}", "", parent.data.tags.get("vitbn.description", ""), "", *body, "",
+            f"![{figure.stem}]({figure.name})", ""]  # fmt: skip
     markdown = out / "report.md"
     markdown.write_text("\n".join(text))
     for path in (markdown, figure):
         client.log_artifact(parent.info.run_id, str(path), "report")
-    return RecipesReport(table, markdown, figure)
+    return markdown
+
+
+def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> RecipesReport:
+    """The recipes table (Markdown) and figure of the experiment whose parent run is ``key`` (id or name)."""
+    client, parent, runs, configs = load_experiment(key, tracking_uri)
+    table = recipes_table(runs.runs, runs.history, batch1_latency(configs))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = _figure(table, runs.history, runs.runs, out / "recipes.png")
+    body = [
+        provenance(client, runs.runs["run_id"], parent.info.run_name), "",
+        markdown_table(HEADER, _cells(table, configs)), "",
+        "final/best acc: test accuracy after the last epoch / best over epochs (mean over seeds); T: median seconds "
+        "per epoch (epoch 1 excluded when there are more than 2); latency: one eval-mode forward pass of a single "
+        "image, fp32, eager, median of interleaved rounds, measured when the report was built.",
+    ]  # fmt: skip
+    return RecipesReport(table, write_report(client, parent, out, body, figure), figure)
