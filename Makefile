@@ -6,7 +6,10 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 SHARED_DATA := $(wildcard $(CURDIR)/../shared/data)
 export VITBN_DATA ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean browser
+# The browser test drives Debian's Chromium (Playwright's own browser download is not used).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -17,7 +20,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: $(VENV)/.installed
 	$(VENV)/bin/vitbn experiment lr-sweep --preset quick --report-dir reports/quick
 
-test: $(VENV)/.installed
+browser:
+	@command -v chromium >/dev/null || $(CHROMIUM_INSTALL) >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(CHROMIUM_INSTALL) >/dev/null; }
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed

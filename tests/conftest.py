@@ -9,6 +9,7 @@ from pathlib import Path
 # (CLI tests, torchrun) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -39,3 +40,41 @@ def tiny_overrides() -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# (name, preset) of the demo fixture's models: a LayerNorm ViT and a BatchNorm ViT, tiny and quickly trained.
+DEMO_MODELS = (("demo-vit", "vit"), ("demo-vitbn", "vitbn"))
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> dict:
+    """Tiny vit and vitbn trained 2 epochs on 10,000 MNIST images (a few seconds), their
+    model files, and MNIST test digits that both classify correctly: ``{"paths", "images", "labels"}``."""
+    from vitbn.config import RunConfig
+    from vitbn.data import load_dataset
+    from vitbn.engine import fit
+    from vitbn.serve import Predictor
+
+    root = os.environ.get("VITBN_DATA") or str(SHARED_DATA)
+    out = tmp_path_factory.mktemp("demo-runs")
+    paths = []
+    for run_name, preset in DEMO_MODELS:
+        config = RunConfig.from_dict(
+            {
+                "model": {"name": preset, "dim": 32, "depth": 1, "heads": 4, "dim_head": 8, "mlp_dim": 64},
+                "data": {"dataset": "mnist", "root": root, "train_subset": 10000, "test_subset": 500},
+                "train": {"epochs": 2, "batch_size": 100, "lr": 3e-3, "out_dir": str(out), "threads": 1},
+                "track": {"enabled": False, "run_name": run_name},
+            }
+        )
+        result = fit(config, progress="none")
+        assert result.status == "finished", result.status
+        paths.append(result.out_dir / "model.pt")
+    test = load_dataset("mnist", root).test
+    images, labels = test.images[:200, 0].numpy(), test.labels[:200].numpy()
+    predictors = [Predictor.load(p) for p in paths]
+    right = [
+        all(p.predict([img], top_k=1)[0].top[0][0] == label for p in predictors) for img, label in zip(images, labels)
+    ]
+    keep = np.flatnonzero(right)
+    return {"paths": paths, "images": images[keep], "labels": labels[keep], "dir": out}

@@ -1,6 +1,6 @@
 """Training engine: ``fit`` (train, evaluate, time, checkpoint, track), ``evaluate``, model export."""
 
-from vitbn.engine.checkpoint import export_model, load_checkpoint, load_model
+from vitbn.engine.checkpoint import InputSpec, export_model, load_checkpoint, load_inference, load_model
 from vitbn.engine.device import resolve_device, seed_everything
 from vitbn.engine.evaluate import evaluate
 from vitbn.engine.loop import FitResult, fit
@@ -8,6 +8,7 @@ from vitbn.engine.optim import WarmupCosine, build_optimizer, build_scheduler, p
 
 __all__ = [
     "FitResult",
+    "InputSpec",
     "WarmupCosine",
     "build_optimizer",
     "build_scheduler",
@@ -15,6 +16,7 @@ __all__ = [
     "export_model",
     "fit",
     "load_checkpoint",
+    "load_inference",
     "load_model",
     "param_groups",
     "resolve_device",

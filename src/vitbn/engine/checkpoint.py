@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,24 +114,53 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def export_model(model: nn.Module, path: str | Path) -> Path:
-    """Writes ``{"config", "state_dict", "vitbn_version"}`` (tensors on CPU) atomically; ``load_model`` reads it."""
+def export_model(model: nn.Module, path: str | Path, data: Any = None) -> Path:
+    """Writes ``{"config", "state_dict", "vitbn_version", "data"}`` (tensors on CPU) atomically; ``load_model``
+    reads it. ``data`` (a ``Dataset`` or ``PreparedData``) records what the model's input is: the dataset's name,
+    class names and the per-channel mean/std the images were normalized with, so that a model file alone is
+    enough to predict (``load_inference``)."""
     from vitbn import __version__
     from vitbn.config import to_dict
 
     model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"config": to_dict(model.config), "state_dict": state, "vitbn_version": __version__}, path)
+    saved = {"config": to_dict(model.config), "state_dict": state, "vitbn_version": __version__}
+    if data is not None:
+        info = getattr(data, "info", data)
+        saved["data"] = InputSpec(info.name, tuple(info.classes), tuple(info.mean), tuple(info.std)).to_dict()
+    atomic_save(saved, path)
     return Path(path)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """A VisionTransformer from a file written by ``export_model``; one-line UserError for a missing or
-    corrupt file."""
-    from vitbn.config import ModelConfig, from_dict
-    from vitbn.models import build_model
+@dataclass(frozen=True)
+class InputSpec:
+    """What a trained model takes: images of ``dataset``, scaled to [0, 1] and normalized per channel as
+    ``(x - mean) / std``, and the names of its classes."""
 
+    dataset: str
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "classes": list(self.classes), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(str(d["dataset"]), tuple(str(c) for c in d["classes"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model file, or a run folder (``runs/NAME``) holding one: its ``model.pt``."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_NAME).is_file():
+            raise UserError(f"run folder {path} has no {MODEL_NAME} (the run did not finish?)")
+        return path / MODEL_NAME
+    return path
+
+
+def _read_model_file(path: Path, map_location) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")
     try:
@@ -139,9 +169,45 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
         raise UserError(f"model file {path} cannot be read: {first_line(exc)}") from None
     if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
         raise UserError(f"model file {path} is not a vitbn model (expected keys 'config' and 'state_dict')")
+    return saved
+
+
+def _build_saved(path: Path, saved: dict[str, Any], map_location) -> nn.Module:
+    from vitbn.config import ModelConfig, from_dict
+    from vitbn.models import build_model
+
     try:
         model = build_model(from_dict(ModelConfig, saved["config"]))
         model.load_state_dict(saved["state_dict"])
     except (ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"model file {path} does not match its config: {first_line(exc)}") from None
     return model.to(map_location).eval()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """A VisionTransformer (in eval mode) from a file written by ``export_model``, or from a run folder holding
+    one; one-line UserError for a missing or corrupt file."""
+    path = resolve_model_path(path)
+    return _build_saved(path, _read_model_file(path, map_location), map_location)
+
+
+def load_inference(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, InputSpec]:
+    """The model of ``load_model`` and its ``InputSpec``. A file written before the spec was recorded takes it
+    from the ``config.yaml`` of its run folder (the dataset named there, loaded for its statistics)."""
+    path = resolve_model_path(path)
+    saved = _read_model_file(path, map_location)
+    model = _build_saved(path, saved, map_location)
+    if isinstance(saved.get("data"), dict):
+        return model, InputSpec.from_dict(saved["data"])
+    return model, _spec_from_run_folder(path)
+
+
+def _spec_from_run_folder(path: Path) -> InputSpec:
+    from vitbn.config import RunConfig, load_yaml
+    from vitbn.data import prepare_data
+
+    config_file = path.parent / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"model file {path} does not say what its input is, and no config.yaml is beside it")
+    info = prepare_data(RunConfig.from_dict(load_yaml(config_file)).data).info
+    return InputSpec(info.name, tuple(info.classes), tuple(info.mean), tuple(info.std))

@@ -392,7 +392,7 @@ class _Run:
             self.tracker.log_metrics(record, step=self.history[-1]["epoch"] if self.history else 0)
             final.update({k: v for k, v in record.items() if k.startswith("test/")})
         if self.info.is_main:
-            export_model(self.model, self.out_dir / MODEL_NAME)
+            export_model(self.model, self.out_dir / MODEL_NAME, self.data)
         return final
 
     def _close(self, status: str, quiet: bool = False) -> None:

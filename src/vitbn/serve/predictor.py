@@ -1,0 +1,171 @@
+"""A trained model ready to name images: loaded once, BatchNorm folded, eval mode, under ``inference_mode``.
+
+Shared by ``vitbn predict`` and ``vitbn serve``; the preprocessing is ``vitbn.serve.preprocess``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitbn.analysis.attention import attention_maps, patch_attention, rollout
+from vitbn.config import pair
+from vitbn.engine.checkpoint import MODEL_NAME, InputSpec, load_inference
+from vitbn.errors import UserError
+from vitbn.serve.preprocess import ImageError, to_gray, to_mnist
+
+STUDY_MODELS = ("vit", "vitbnffn", "vitbn")
+PREPROCESS = ("auto", "mnist", "resize", "none")
+
+
+@dataclass
+class Prediction:
+    """One model's answer for one image."""
+
+    probs: list[float]  # one per class, summing to 1
+    top: list[tuple[int, str, float]]  # (class index, class name, probability), most probable first
+    latency_ms: float  # the forward pass (with attention capture when asked), not preprocessing
+    model_input: np.ndarray  # the (H, W) or (H, W, C) uint8 image the model saw
+    attention: np.ndarray | None = None  # (gh, gw) rollout of the pooled token over the patches, sums to 1
+
+
+@dataclass
+class Predictor:
+    """A model for inference: ``load`` builds it from a model file or run folder."""
+
+    model: nn.Module
+    spec: InputSpec
+    source: str
+    folded: bool  # some BatchNorm was folded into its Linear
+    note: str = ""  # what folding left, or why it could not fold
+    params: int = 0
+    flops: int = 0
+    name: str = ""  # the trained model's name (the folded copy's config names its folded norms "none")
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path, *, fuse: bool = True) -> Predictor:
+        """Loads ``path`` (one line of UserError if missing or corrupt) and folds its BatchNorms when ``fuse``:
+        a model that cannot be folded (PRepBN before its lambda reaches 0) is served unfolded, with the reason
+        in ``note``."""
+        from vitbn.bn import fuse_bn
+        from vitbn.bn.fuse import unfolded_norms
+        from vitbn.models import count_params, forward_flops
+
+        model, spec = load_inference(path)
+        name, folded, note = model.config.name, False, ""
+        if fuse:
+            try:
+                fused = fuse_bn(model)
+                model, folded = fused, fused.config != model.config  # a LayerNorm-only model has nothing to fold
+                note = unfolded_norms(model) or ""
+            except ValueError as exc:
+                note = f"served unfolded: {exc}"
+        model.eval().requires_grad_(False)
+        return cls(model, spec, str(path), folded, note, count_params(model), forward_flops(model), name)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return (c.channels, *pair(c.image_size))
+
+    def prepare(self, image: np.ndarray, mode: str = "auto") -> np.ndarray:
+        """A picture -> the uint8 image this model takes, (H, W) for one channel else (H, W, C).
+
+        Modes: ``mnist`` (``to_mnist``: crop, 20x20 box, center of mass; grayscale models of square input),
+        ``resize`` (to the model's size, Lanczos), ``none`` (must already have the model's size); ``auto`` is
+        ``mnist`` for a one-channel model, else ``resize``.
+        """
+        if mode not in PREPROCESS:
+            raise UserError(f"preprocess={mode!r}; choose from {PREPROCESS}")
+        channels, h, w = self.input_shape
+        if mode == "auto":
+            mode = "mnist" if channels == 1 else "resize"
+        if mode == "mnist":
+            if channels != 1 or h != w:
+                raise UserError(
+                    f"the MNIST preprocessing makes square grayscale images; {self.name} takes {h}x{w}x{channels}"
+                )
+            return to_mnist(image, field=h)
+        a = np.asarray(image)
+        a = a.astype(np.float64) if channels != 1 else to_gray(a)
+        if mode == "resize":
+            from PIL import Image
+
+            a = np.asarray(
+                Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)
+            )
+        return _check_shape(np.rint(a).astype(np.uint8), (channels, h, w))
+
+    def tensor(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 images as ``prepare`` returns them -> the normalized (B, C, H, W) float32 batch."""
+        channels = self.input_shape[0]
+        x = torch.from_numpy(np.stack(images)).float().div_(255.0)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (B, H, W[, C]) -> (B, C, H, W)
+        mean = torch.tensor(_per_channel(self.spec.mean, channels)).view(1, -1, 1, 1)
+        std = torch.tensor(_per_channel(self.spec.std, channels)).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def predict(self, images: list[np.ndarray], *, top_k: int = 3, attention: bool = False) -> list[Prediction]:
+        """Class probabilities of prepared images (``prepare``); with ``attention``, the rollout map too."""
+        if top_k < 1:
+            raise UserError(f"top_k={top_k} must be >= 1")
+        x = self.tensor(images)
+        with self._lock, torch.inference_mode():  # one pass at a time: concurrent passes fight for the same cores
+            start = time.perf_counter()
+            if attention:
+                logits, maps = attention_maps(self.model, x)
+                flow = patch_attention(
+                    rollout(maps), self.model.to_patch_embedding.grid, self.model.cls_token is not None
+                )
+            else:
+                logits, flow = self.model(x), None
+            seconds = time.perf_counter() - start
+        probs = logits.float().softmax(dim=-1)
+        k = min(top_k, probs.shape[-1])
+        values, index = probs.topk(k, dim=-1)
+        classes = self.spec.classes
+        out = []
+        for i, image in enumerate(images):
+            top = [
+                (int(j), classes[j] if j < len(classes) else str(int(j)), float(v)) for v, j in zip(values[i], index[i])
+            ]
+            out.append(
+                Prediction(probs[i].tolist(), top, 1000 * seconds, image, None if flow is None else flow[i].numpy())
+            )
+        return out
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
+    return list(values) * channels if len(values) == 1 else list(values)
+
+
+def _check_shape(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    channels, h, w = shape
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    want = (h, w) if channels == 1 else (h, w, channels)
+    if a.shape != want:
+        raise ImageError(f"the image is {a.shape} but the model takes {want}; use the mnist or resize preprocessing")
+    return a
+
+
+def find_study_models(root: str | Path = "runs", names: tuple[str, ...] = STUDY_MODELS) -> list[Path]:
+    """The newest model file (by modification time) of each of ``names`` under ``root`` (what ``make run``
+    writes: ``runs/<experiment>/<run>/model.pt``), in the order of ``names``; names with none are left out."""
+    newest: dict[str, tuple[float, Path]] = {}
+    for path in Path(root).rglob(MODEL_NAME):
+        try:
+            name = torch.load(path, map_location="cpu", weights_only=True)["config"]["name"]
+        except Exception:  # an unreadable file is not a candidate; one named on the command line is reported
+            continue
+        mtime = path.stat().st_mtime
+        if name in names and (name not in newest or mtime > newest[name][0]):
+            newest[name] = (mtime, path)
+    return [newest[n][1] for n in names if n in newest]
