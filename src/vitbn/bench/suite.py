@@ -50,6 +50,7 @@ class BenchOptions:
     tune_allocator: bool = False  # vitbn.bench.system.tune_cpu_allocator() before measuring
     recipes: bool = True  # the recipe section: parallel vs sequential blocks, hMLP vs linear stem
     norms: bool = True  # the norms section: LayerNorm, RMSNorm, DyT, BN (FFN, everywhere), PRepBN at depth 6
+    export: bool = True  # the export section: onnxruntime vs eager and folded torch (needs the export extra)
     short: bool = False  # set by ``quick()``: the recipe section measures fewer layouts and batches too
     overrides: dict = field(default_factory=dict)  # ModelConfig fields for every model (tests, studies)
 
@@ -309,6 +310,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         interleave([*peaks.values(), *measured.values()], options.repeats)
         recipes = _recipes(options, device, log) if options.recipes else None
         norms = _norms(options, device, compile_error, log) if options.norms else None
+    # outside the compile settings above: torch.onnx.export traces with torch.export, under dynamo's defaults
+    export = _export(options, log) if options.export else None
     loader = time_loader(options.batch_size, device, options.loader_epochs) if options.loader else None
     meta = {
         **env,
@@ -329,6 +332,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         "comparisons": comparisons(measured, extras),
         "recipes": recipes,
         "norms": norms,
+        "export": export,
     }
 
 
@@ -352,3 +356,18 @@ def _norms(options: BenchOptions, device: torch.device, compile_error: str | Non
                        train_batch=options.batch_size, compile=options.compile,
                        overrides=tuple(options.overrides.items()))  # fmt: skip
     return run_norms(norm, device, options.repeats, options.warmup, options.min_repeat_s, compile_error, log)
+
+
+def _export(options: BenchOptions, log: Callable[[str], None]) -> dict:
+    """The export section (CPU, fp32) for ``options.models`` at the first of ``options.depths``, at batch 1 and the
+    inference batch; ``quick`` times tiny models (unless overrides are given) at batch 1 and at most 100."""
+    from vitbn.bench.export import TINY, ExportOptions, run_export
+
+    d = options.depths[0]
+    pairs = tuple(
+        (m, STUDY_DEPTHS[m] if d == "study" else EQUAL_DEPTH if d == "equal" else int(d)) for m in options.models
+    )
+    overrides = options.overrides or (TINY if options.short else {})
+    batch = min(options.infer_batch_size, 100) if options.short else options.infer_batch_size
+    export = ExportOptions(models=pairs, batches=tuple(dict.fromkeys((1, batch))), overrides=tuple(overrides.items()))
+    return run_export(export, options.repeats, options.warmup, options.min_repeat_s, log)

@@ -84,6 +84,8 @@ def register(subparsers) -> None:
                    help="skip the recipe section (parallel vs sequential blocks, hMLP vs linear stem)")  # fmt: skip
     p.add_argument("--no-norms", dest="norms", action="store_false", default=None,
                    help="skip the norms section (LayerNorm, RMSNorm, DyT, BN, PRepBN at depth 6)")  # fmt: skip
+    p.add_argument("--no-export", dest="export", action="store_false", default=None,
+                   help="skip the export section (onnxruntime vs eager and folded torch, CPU fp32)")  # fmt: skip
     add_set_argument(p, help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)")
     add_flags(p.add_argument_group("model knobs for every model (as --set)"), BENCH_MODEL_FLAGS)
     p.add_argument("--out", help="write the result as JSON to this file")
@@ -110,6 +112,7 @@ _FIELDS = (
     "profile_iters",
     "recipes",
     "norms",
+    "export",
 )
 # The shared model flags, but the bench's own --models and --depths choose the presets and depths.
 BENCH_MODEL_FLAGS = pick(MODEL_FLAGS, drop=("--model", "--depth"))
@@ -135,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     result = run_bench(options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_report(result))
+    if result.get("export"):
+        from vitbn.bench.export import format_export
+
+        print(f"\n{format_export(result['export'])}")
     if args.out:
         print(f"\nwrote {save_json(result, args.out)}")
     return 0
