@@ -312,6 +312,9 @@ class TrainConfig:
     # PRepBN's lambda (1: LayerNorm, 0: RepBN) by optimizer step: LayerNorm-only warm-up, then a linear ramp.
     prepbn_warmup_steps: int | None = None  # None: a tenth of the run's steps
     prepbn_decay_steps: int | None = None  # None: to the last step, so training ends at lambda = 0
+    # Sharpness-aware minimization around the optimizer: radius rho (None: off; 0.05 is SAM's usual value).
+    sam_rho: float | None = None
+    sam_adaptive: bool = False  # ASAM: the perturbation scaled element-wise by |w| (needs sam_rho)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -335,6 +338,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name}={value!r} must be an integer >= 0 or null (the default)")
+        if self.sam_rho is not None and not (isinstance(self.sam_rho, (int, float)) and self.sam_rho > 0):
+            raise ValueError(f"sam_rho={self.sam_rho!r} must be > 0, or null for no SAM")
+        if self.sam_adaptive and self.sam_rho is None:
+            raise ValueError("sam_adaptive=True (ASAM) needs sam_rho, the radius of the perturbation")
 
 
 @dataclass

@@ -4,7 +4,7 @@ The consistency study (``vitbn bn-study``) is in ``vitbn.bn.study``; the data-pa
 ``vitbn.bn.distributed``.
 """
 
-from vitbn.bn.frozen import FrozenBatchNorm, freeze_bn, unfreeze_bn
+from vitbn.bn.frozen import FrozenBatchNorm, freeze_bn, kept_bn_stats, unfreeze_bn
 from vitbn.bn.fuse import bn_scale_shift, fuse_bn
 from vitbn.bn.ghost import set_ghost_batch_size
 from vitbn.bn.precise import recompute_bn_stats
@@ -17,6 +17,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "freeze_bn",
     "fuse_bn",
+    "kept_bn_stats",
     "recompute_bn_stats",
     "set_ghost_batch_size",
     "unfreeze_bn",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -96,3 +99,27 @@ def unfreeze_bn(model: nn.Module) -> nn.Module:
     ``model``."""
     _replace_children(model, lambda m: m.to_batchnorm() if isinstance(m, FrozenBatchNorm) else None)
     return model
+
+
+@contextmanager
+def kept_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside leave every BatchNorm's running statistics (``running_mean``, ``running_var``,
+    ``num_batches_tracked``) as they were on entry; training-mode passes still normalize with batch statistics.
+
+    For extra passes that are not a step of the running average: SAM's perturbed pass, Hessian-vector products
+    and loss-landscape points in training-mode BN. The buffers are copied on entry and written back in place on
+    exit (same tensor objects, so a compiled graph or a DDP wrapper holding them sees the restored values).
+    """
+    saved = [
+        (buf, buf.detach().clone())
+        for m in model.modules()
+        if isinstance(m, _BatchNorm)
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)

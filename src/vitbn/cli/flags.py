@@ -126,6 +126,10 @@ RUN_FLAGS: dict[str, Flag] = {
                                   "steps (default: a tenth of the run)")),
     "--prepbn-decay-steps": Flag("train", "prepbn_decay_steps", dict(type=int, help="PRepBN: steps of the fall "
                                  "from LayerNorm to RepBN (default: to the end of the run)")),
+    "--sam-rho": Flag("train", "sam_rho", dict(type=_optional_float, help="SAM: radius rho of the sharpness-aware "
+                      "perturbation (e.g. 0.05; each step runs two forward/backward passes)")),
+    "--asam": Flag("train", "sam_adaptive", dict(action=_BOOL, help="ASAM: perturbation scaled by |w| (with "
+                   "--sam-rho)")),
     "--out-dir": Flag("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
     "--resume": Flag("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's run")),
     "--tracking-uri": Flag("track", "tracking_uri", dict(help="MLflow URI (default: $MLFLOW_TRACKING_URI, sqlite)")),

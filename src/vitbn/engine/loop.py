@@ -38,6 +38,7 @@ from vitbn.engine.setup import (
     make_loaders,
     run_params,
 )
+from vitbn.engine.sam import SAM
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
 from vitbn.errors import UserError, first_line
@@ -136,6 +137,7 @@ class _Run:
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, len(self.loaders.train))
         self.loss_fn = make_loss(tc.label_smoothing)
+        self.sam = SAM(self.optimizer, rho=tc.sam_rho, adaptive=tc.sam_adaptive) if tc.sam_rho else None
         self.prepbn = PRepBNSchedule.for_model(self.model, tc, len(self.loaders.train))
         self.clip_params = [p for p in self.model.parameters() if p.requires_grad]
         self.run_name = config.track.run_name or default_run_name(model.config.name)
@@ -297,7 +299,7 @@ class _Run:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tc = self.config.train
-        kwargs = dict(amp=self.amp, grad_clip=tc.grad_clip, clip_params=self.clip_params)
+        kwargs = dict(amp=self.amp, grad_clip=tc.grad_clip, clip_params=self.clip_params, sam=self.sam)
         if self._compile_checked["train"]:
             return train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
         try:  # the first compiled step compiles; a compiler failure falls back to the eager model

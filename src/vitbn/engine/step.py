@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitbn.bn.frozen import kept_bn_stats
 from vitbn.engine.device import Amp
+from vitbn.engine.sam import SAM, RandomReplay
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,9 +34,14 @@ def train_step(
     amp: Amp,
     grad_clip: float | None = None,
     clip_params: Sequence[torch.Tensor] | None = None,
+    sam: SAM | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, (clip,) update. Returns the detached batch loss and the number of correct
     predictions, both still on the device.
+
+    With ``sam``, a second forward/backward at the perturbed weights w + ε̂ (same batch, same BatchNorm mode and
+    random draws, running statistics untouched) gives the gradient the update uses; the returned loss and hits
+    are those at w.
 
     Args:
         model: in training mode.
@@ -45,25 +52,48 @@ def train_step(
         amp: autocast and, for fp16, the GradScaler.
         grad_clip: max global gradient norm, or None.
         clip_params: the parameters whose norm is clipped (default: all of ``model``).
+        sam: a ``SAM`` around ``optimizer``, or None for a plain step.
     """
+    replay = RandomReplay(x.device) if sam is not None else None
     with amp.autocast():
         logits = model(x)  # (B, K)
     loss = loss_fn(logits, y)
     optimizer.zero_grad(set_to_none=True)
+    _backward(loss, amp)
+    if sam is not None:
+        sam.perturb()
+        replay.replay()  # the same dropout / drop-path masks as the first pass
+        with kept_bn_stats(model):  # BN normalizes with this batch's statistics but its running averages stay
+            with amp.autocast():
+                perturbed = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            _backward(perturbed, amp)
+        sam.restore()
+    _update(model, optimizer, amp, grad_clip, clip_params)
+    return loss.detach(), (logits.detach().argmax(dim=-1) == y).sum()
+
+
+def _backward(loss: torch.Tensor, amp: Amp) -> None:
+    (amp.scaler.scale(loss) if amp.scaler is not None else loss).backward()
+
+
+def _update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    amp: Amp,
+    grad_clip: float | None,
+    clip_params: Sequence[torch.Tensor] | None,
+) -> None:
     scaler = amp.scaler
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if grad_clip is not None:
+    if grad_clip is not None:
+        if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(clip_params or list(model.parameters()), grad_clip, foreach=True)
+        nn.utils.clip_grad_norm_(clip_params or list(model.parameters()), grad_clip, foreach=True)
+    if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(clip_params or list(model.parameters()), grad_clip, foreach=True)
         optimizer.step()
-    return loss.detach(), (logits.detach().argmax(dim=-1) == y).sum()
 
 
 def eval_batch(

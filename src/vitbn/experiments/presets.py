@@ -44,6 +44,7 @@ class ModelSpec:
     depth: int
     overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     variant: str = ""  # names a recipe (``"par3x2"``): models of one name and depth told apart
+    train: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # TrainConfig fields of this entry
 
     @property
     def label(self) -> str:
@@ -56,20 +57,22 @@ class ModelSpec:
             "depth": self.depth,
             **({"overrides": dict(self.overrides)} if self.overrides else {}),
             **({"variant": self.variant} if self.variant else {}),
+            **({"train": dict(self.train)} if self.train else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        unknown = sorted(set(data) - {"name", "depth", "overrides", "variant"})
+        unknown = sorted(set(data) - {"name", "depth", "overrides", "variant", "train"})
         if unknown:
-            raise UserError(f"unknown model entry key(s) {unknown}; allowed: name, depth, overrides, variant")
+            raise UserError(f"unknown model entry key(s) {unknown}; allowed: name, depth, overrides, variant, train")
         if data.get("name") not in list_models():
             raise UserError(f"model {data.get('name')!r} is not one of {', '.join(list_models())}")
         depth = data.get("depth")
         if not isinstance(depth, int) or isinstance(depth, bool) or depth <= 0:
             raise UserError(f"model {data['name']!r}: depth={depth!r} must be a positive integer")
         variant = str(data.get("variant") or "")
-        return cls(name=data["name"], depth=depth, overrides=dict(data.get("overrides") or {}), variant=variant)
+        return cls(name=data["name"], depth=depth, overrides=dict(data.get("overrides") or {}), variant=variant,
+                   train=dict(data.get("train") or {}))  # fmt: skip
 
 
 @dataclass
@@ -111,6 +114,7 @@ class ExperimentPreset:
         data = copy.deepcopy(self.run)
         data["model"] = {**(data.get("model") or {}), **spec.overrides, "name": spec.name, "depth": spec.depth}
         train = data.setdefault("train", {})
+        train.update(spec.train)
         if lr is not None:
             train["lr"] = float(lr)
         if seed is not None:
@@ -222,6 +226,22 @@ def _norm_models(depth: int = 6) -> list[ModelSpec]:
 _NORMS_RUN = _with(STUDY_RUN, data={"train_subset": 12000, "test_subset": 5000, "val_size": 2000,
                                     "test_every_epoch": False}, train={"epochs": 4})  # fmt: skip
 
+
+def _sam_models(depth: int = 6, rho: float = 0.05) -> list[ModelSpec]:
+    """Chen et al. 2021 (experiment ``sam``): ViT (LayerNorm) and ViTBN at one depth, each trained with Adam and
+    with Adam + SAM (same lr, epochs and seed)."""
+    return [
+        ModelSpec(name, depth, variant=variant, train=train)
+        for name in ("vit", "vitbn")
+        for variant, train in (("adam", {}), ("sam", {"sam_rho": rho}))
+    ]
+
+
+# 10000 training and 5000 test images, 15 epochs, fp32: a regime where a depth-6 ViT overfits (train loss near 0),
+# which is where SAM is claimed to help; about 35 minutes for the 4 runs on 2 quiet CPU cores (SAM doubles the
+# cost of a step), plus the analyses. sam-full is the full-size one (for a GPU).
+_SAM_RUN = _with(STUDY_RUN, data={"train_subset": 10000, "test_subset": 5000}, train={"epochs": 15})
+
 PRESETS: dict[str, ExperimentPreset] = {
     p.name: p
     for p in (
@@ -290,6 +310,25 @@ PRESETS: dict[str, ExperimentPreset] = {
             lrs=[0.0005, 0.005, 0.01],
             seeds=[0, 1, 2],
             run=_with(STUDY_RUN, data={"val_size": 10000, "test_every_epoch": False}, train={"precision": "bf16"}),
+        ),
+        ExperimentPreset(
+            name="sam",
+            description="Chen et al. 2021 on MNIST: ViT and ViTBN at depth 6, Adam against Adam + SAM (rho 0.05), "
+            "lr 0.0005, seed 0; 10000 training and 5000 test images, 15 epochs, fp32 (a 2-core CPU budget; "
+            "sam-full is the full one), then `vitbn analyze` of each model.",
+            models=_sam_models(),
+            lrs=[0.0005],
+            seeds=[0],
+            run=_SAM_RUN,
+        ),
+        ExperimentPreset(
+            name="sam-full",
+            description="The sam experiment at full size (for a GPU): all 60000 training images, 30 epochs, bf16, "
+            "lr 0.0005, seeds 0 and 1.",
+            models=_sam_models(),
+            lrs=[0.0005],
+            seeds=[0, 1],
+            run=_with(STUDY_RUN, train={"precision": "bf16"}),
         ),
         ExperimentPreset(
             name="study-tune",
