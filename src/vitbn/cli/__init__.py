@@ -10,7 +10,7 @@ import os
 import sys
 
 # Sub-command modules, in the order ``vitbn --help`` lists them.
-MODULES = ("models", "train", "experiment", "report", "bn", "bench", "predict", "export", "serve")
+MODULES = ("models", "train", "experiment", "report", "bn", "bench", "analyze", "predict", "export", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

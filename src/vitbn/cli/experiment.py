@@ -13,7 +13,7 @@ from vitbn.cli.flags import RUN_FLAGS as TABLE_RUN_FLAGS
 # every model knob but the preset's own (model, depth), for all its models (a model entry's overrides win).
 RUN_FLAGS = {
     **pick(TABLE_RUN_FLAGS, "--train-subset", "--test-subset", "--val-size", "--data-root", "--max-steps", "--device",
-           "--threads", "--precision", "--out-dir", "--tracking-uri", "--experiment"),
+           "--threads", "--precision", "--sam-rho", "--asam", "--out-dir", "--tracking-uri", "--experiment"),
     **pick(MODEL_FLAGS, drop=("--model", "--depth")),
 }  # fmt: skip
 TUNE_FLAGS: dict[str, Flag] = {

@@ -30,6 +30,7 @@ from vitbn.engine.history import write_history
 from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler
 from vitbn.engine.parallel import any_rank, from_main, reduce_evaluation, seed_rank_epoch, sum_over_ranks
 from vitbn.engine.progress import Progress
+from vitbn.engine.sam import SAM
 from vitbn.engine.setup import (
     changed_settings,
     check_data_fits_model,
@@ -38,7 +39,6 @@ from vitbn.engine.setup import (
     make_loaders,
     run_params,
 )
-from vitbn.engine.sam import SAM
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
 from vitbn.errors import UserError, first_line
