@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from vitbn.engine.device import make_amp
 from vitbn.engine.sam import SAM
 from vitbn.engine.step import make_loss, train_step
 from vitbn.models import create_model
+from vitbn.serve.launch import free_port
 
 TINY = dict(image_size=8, patch_size=4, dim=8, depth=2, heads=2, dim_head=4, mlp_dim=16)
 CPU = torch.device("cpu")
@@ -162,7 +162,7 @@ def test_bf16_autocast_runs_both_passes_under_autocast():
         assert_close(p, q)
 
 
-def test_a_compiled_model_takes_the_same_step(monkeypatch):
+def test_a_compiled_model_takes_the_same_step():
     torch.manual_seed(0)
     model = create_model("vitbn", **TINY).train()
     eager = copy.deepcopy(model)
@@ -226,14 +226,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save({k: v.detach() for k, v in unwrap(net).state_dict().items()}, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_step_identically_and_as_one_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     single = create_model("vit", **TINY).train()
