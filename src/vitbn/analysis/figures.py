@@ -49,7 +49,7 @@ def _upsampled(patch_map: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _overlay(ax, image, patch_map, title: str | None = None) -> None:
+def overlay(ax, image, patch_map, title: str | None = None) -> None:
     picture, cmap = _as_picture(image)
     ax.imshow(picture, cmap=cmap, vmin=0.0, vmax=1.0)
     if patch_map is not None:
@@ -82,10 +82,10 @@ def attention_grid(
     cols = layers + 2
     fig, axes = plt.subplots(b, cols, figsize=(cols * CELL, b * CELL + TITLE), squeeze=False, layout="constrained")
     for i in range(b):
-        _overlay(axes[i, 0], images[i], None, labels[i] if labels else "input")
+        overlay(axes[i, 0], images[i], None, labels[i] if labels else "input")
         for layer in range(layers):
-            _overlay(axes[i, layer + 1], images[i], layer_maps[i, layer], f"layer {layer + 1}" if i == 0 else None)
-        _overlay(axes[i, -1], images[i], rollout_maps[i], "rollout" if i == 0 else None)
+            overlay(axes[i, layer + 1], images[i], layer_maps[i, layer], f"layer {layer + 1}" if i == 0 else None)
+        overlay(axes[i, -1], images[i], rollout_maps[i], "rollout" if i == 0 else None)
     fig.suptitle(f"attention of the {pooled_name(class_token)} over the patches (head mean)", fontsize=10)
     return fig
 
@@ -105,7 +105,7 @@ def head_grid(image: np.ndarray | torch.Tensor, head_maps: np.ndarray | torch.Te
     for layer in range(layers):
         for head in range(heads):
             title = f"layer {layer + 1} head {head + 1}"
-            _overlay(axes[layer, head], image, head_maps[layer, head], title)
+            overlay(axes[layer, head], image, head_maps[layer, head], title)
     fig.suptitle(f"attention of the {pooled_name(class_token)} per head", fontsize=10)
     return fig
 

@@ -305,3 +305,42 @@ def write_json(result: dict, path: Path) -> None:
     """``result`` as indented JSON, written whole (temporary name, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+
+
+def analysis_data(model: nn.Module, dataset: str, options: AnalyzeOptions, root: str | None = None):
+    """The images ``analyze`` needs of ``dataset`` (the first ``options.images`` training images and
+    ``options.attention_images`` test images), checked against the model's input."""
+    from vitbn.config import DataConfig
+    from vitbn.data import prepare_data
+    from vitbn.engine.setup import check_data_fits_model
+    from vitbn.errors import UserError
+
+    data = prepare_data(DataConfig(dataset=dataset, root=root, train_subset=options.images,
+                                   test_subset=options.attention_images))  # fmt: skip
+    check_data_fits_model(model.config, data.info)
+    if len(data.train) == 0 or len(data.test) == 0:
+        raise UserError(f"dataset {dataset!r} has no training or no test images")
+    return data
+
+
+def analyze_checkpoint(
+    checkpoint: str | Path,
+    options: AnalyzeOptions,
+    *,
+    out: str | Path | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[dict[str, Any], Path, Path]:
+    """``analyze`` of a model file or run folder written by ``vitbn train``, on its training dataset (or
+    ``dataset``), into ``out`` (default: ``analysis/`` beside the model): ``(result, out, model_path)``."""
+    from vitbn.engine.checkpoint import load_inference, resolve_model_path
+
+    model_path = resolve_model_path(checkpoint)
+    model, spec = load_inference(model_path, map_location=device)
+    data = analysis_data(model, dataset or spec.dataset, options, data_root)
+    out = Path(out) if out else model_path.parent / "analysis"
+    result = analyze(model, data, out, options, mean=spec.mean, std=spec.std, checkpoint=str(model_path),
+                     progress=progress)  # fmt: skip
+    return result, out, model_path

@@ -5,6 +5,7 @@ the model's MLflow run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -76,39 +77,26 @@ def _options(args: argparse.Namespace):
                           blocks=not args.no_blocks, seed=args.seed)  # fmt: skip
 
 
-def _data(args: argparse.Namespace, model, spec, options):
-    from vitbn.config import DataConfig
-    from vitbn.data import prepare_data
-    from vitbn.engine.setup import check_data_fits_model
-
-    dataset = args.dataset or spec.dataset
-    data = prepare_data(DataConfig(dataset=dataset, root=args.data_root, train_subset=options.images,
-                                   test_subset=options.attention_images))  # fmt: skip
-    check_data_fits_model(model.config, data.info)
-    if len(data.train) == 0 or len(data.test) == 0:
-        raise UserError(f"dataset {dataset!r} has no training or no test images")
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitbn.analysis.run import analyze
-    from vitbn.engine.checkpoint import load_inference, resolve_model_path
+    from vitbn.analysis.run import analyze_checkpoint
     from vitbn.engine.device import resolve_device
 
     options = _options(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_path = resolve_model_path(args.checkpoint)
-    model, spec = load_inference(model_path, map_location=device)
-    data = _data(args, model, spec, options)
-    out = Path(args.out) if args.out else model_path.parent / "analysis"
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning  # e.g. power iteration that did not converge
-        result = analyze(model, data, out, options, mean=spec.mean, std=spec.std, checkpoint=str(model_path),
-                         progress=True)  # fmt: skip
+    with one_line_warnings():  # e.g. power iteration that did not converge
+        result, out, model_path = analyze_checkpoint(
+            args.checkpoint,
+            options,
+            out=args.out,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            device=device,
+            progress=True,
+        )
     _print_summary(result, out)
     if args.no_track:
         print("mlflow    not logged (--no-track)")
@@ -117,8 +105,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"vitbn analyze: warning: {first_line(message)}", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def one_line_warnings(prog: str = "vitbn analyze"):
+    """Python warnings raised inside, printed as one line each on stderr (``PROG: warning: ...``)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {first_line(message)}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
 
 
 def _track(model_path: Path, uri: str | None, result: dict, out: Path) -> None:

@@ -43,7 +43,7 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes or norms"
+        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms or sam"
     )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
     sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable)")
@@ -55,7 +55,9 @@ def register(subparsers) -> None:
                              "depth, hMLP stem) on ViT and ViTBN, with a report")  # fmt: skip
     norms = sub.add_parser("norms", help="LayerNorm, RMSNorm, DyT, BatchNorm (FFN / everywhere) and PRepBN on one "
                            "depth-6 ViT, 3 lrs, 2 seeds, selected on validation, with a report")  # fmt: skip
-    for parser_, name in ((recipes, "recipes"), (norms, "norms")):
+    sam = sub.add_parser("sam", help="ViT and ViTBN (depth 6) with Adam and Adam + SAM (rho 0.05), then vitbn "
+                         "analyze of each (lambda_max, active neurons, attention), with a report")  # fmt: skip
+    for parser_, name in ((recipes, "recipes"), (norms, "norms"), (sam, "sam")):
         _common(parser_, RUN_FLAGS)
         parser_.add_argument("--full", action="store_true", help=f"the full-size preset {name}-full (for a GPU)")
         parser_.add_argument("--epochs", type=int, help="epochs of every training run")
@@ -69,11 +71,15 @@ def register(subparsers) -> None:
 
 
 def _setup_logging() -> None:
+    """Progress lines of ``vitbn.experiments`` on the current stderr (a second call in one process replaces the
+    handler, so a replaced stderr is followed)."""
+    logger = logging.getLogger("vitbn.experiments")
+    for old in [h for h in logger.handlers if getattr(h, "vitbn_cli", False)]:
+        logger.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("vitbn.experiments")
-    if not logger.handlers:
-        logger.addHandler(handler)
+    handler.vitbn_cli = True
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
 
@@ -133,7 +139,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_with_report(args: argparse.Namespace) -> int:
-    """``experiment recipes`` and ``experiment norms``: an lr sweep of the preset, then its own report."""
+    """``experiment recipes``, ``norms`` and ``sam``: an lr sweep of the preset, then its own report."""
     from vitbn.experiments.lr_sweep import run_lr_sweep
 
     if args.list:
@@ -145,12 +151,21 @@ def run_with_report(args: argparse.Namespace) -> int:
     result = run_lr_sweep(preset, progress=args.progress)
     print(f"{args.report_kind} {preset.name}: parent run {result.parent_id}; {result.count('new')} trained, "
           f"{result.count('resume')} resumed, {result.count('done')} already done")  # fmt: skip
-    if args.report_kind == "norms":
-        from vitbn.experiments.norms import build_norms_report as build
-    else:
-        from vitbn.experiments.recipes import build_recipes_report as build
     out = args.report_dir or f"reports/{preset.name}"
-    report = build(result.parent_id, out, tracking_uri=preset.run.get("track", {}).get("tracking_uri"))
+    uri = preset.run.get("track", {}).get("tracking_uri")
+    if args.report_kind == "sam":
+        from vitbn.cli.analyze import one_line_warnings
+        from vitbn.experiments import sam
+
+        with one_line_warnings("vitbn experiment sam"):  # e.g. power iteration that did not converge
+            report = sam.build_sam_report(result.parent_id, out, tracking_uri=uri,
+                                          options=sam.ANALYSIS_FULL if args.full else sam.ANALYSIS)  # fmt: skip
+    else:
+        from vitbn.experiments.norms import build_norms_report
+        from vitbn.experiments.recipes import build_recipes_report
+
+        build = build_norms_report if args.report_kind == "norms" else build_recipes_report
+        report = build(result.parent_id, out, tracking_uri=uri)
     print(f"report: {report.markdown} and {report.figure}")
     return 0
 
