@@ -102,9 +102,11 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame, path
     return path
 
 
-def provenance(client, run_ids, preset: str, command: str = "recipes", measured: str = "the latency column") -> str:
-    """Which command, commit and machine made the runs (from their tags) and ``measured`` (when the report is
-    built)."""
+def provenance(
+    client, run_ids, preset: str, command: str = "recipes", measured: str = "the latency column",
+    when: str = "measured when this report was built",
+) -> str:  # fmt: skip
+    """Which command, commit and machine made the runs (from their tags) and ``measured`` (``when``)."""
     from vitbn.bench.system import device_name
 
     tags = [client.get_run(run_id).data.tags for run_id in run_ids]
@@ -113,7 +115,7 @@ def provenance(client, run_ids, preset: str, command: str = "recipes", measured:
     return (
         f"Made by `vitbn experiment {command}` (preset {preset.split(' ')[0]!r}); the training runs at commit "
         f"{', '.join(commits)} on {device_name(torch.device('cpu'))} ({os.cpu_count()} cores, {', '.join(threads)} "
-        f"threads, torch {torch.__version__}); {measured} measured when this report was built, on the same machine."
+        f"threads, torch {torch.__version__}); {measured} {when}, on the same machine."
     )
 
 

@@ -124,6 +124,11 @@ def _cells(table: pd.DataFrame) -> list[list[str]]:
     return out
 
 
+def _seeds(table: pd.DataFrame) -> str:
+    counts = sorted(set(table["seeds"]))
+    return "one seed" if counts == [1] else f"mean over {'/'.join(map(str, counts))} seeds"
+
+
 def attention_figure(rows: list[tuple[str, Path]], path: Path, images: int = FIGURE_IMAGES) -> Path:
     """One row per model (``(title, analysis folder)``): for each of the first ``images`` test images its first
     and last layer's attention of the pooled token (head mean) and the rollout, drawn over the image."""
@@ -172,9 +177,11 @@ def build_sam_report(
               f"{o.block_max_iter or o.max_iter} --tol {o.tol:g} --landscape-points {o.landscape_points}, BN "
               f"{o.bn_mode} mode")  # fmt: skip
     body = [
-        provenance(client, runs.runs["run_id"], parent.info.run_name, "sam", f"the analysis columns ({budget})"), "",
+        provenance(client, runs.runs["run_id"], parent.info.run_name, "sam", f"the analysis columns ({budget})",
+                   "computed by the first report that needed them (later reports read them back from analysis/)"),
+        "",
         markdown_table(HEADER, _cells(table)), "",
-        "test acc / train loss: after the last epoch (mean over seeds); T(train): median seconds per training epoch "
+        f"test acc / train loss: after the last epoch ({_seeds(table)}); T(train): median seconds per training epoch "
         "(epoch 1 excluded when there are more than 2), both passes of SAM included; λmax: the largest eigenvalue "
         "of the Hessian of the mean training cross-entropy over the first training images, by power iteration "
         "(* not converged at the cap: a lower estimate); per block: the same with the other parameters fixed "
