@@ -130,6 +130,22 @@ def test_extending_a_finished_run(tmp_path, data):
     torch.testing.assert_close(more.model.state_dict(), whole.model.state_dict(), rtol=0, atol=0)
 
 
+def test_extending_a_cosine_run_rescales_the_schedule_to_the_new_total(tmp_path, data):
+    # 160 training images / batch 40 = 4 steps an epoch: 2 epochs end the cosine at lr 0; 2 more must not stay there
+    cosine = dict(schedule="cosine", lr=1e-3)
+    whole = fit(make_config(tmp_path, run_name="w", epochs=4, **cosine), tracker=MemoryTracker(), data=data,
+                progress="none")  # fmt: skip
+    fit(make_config(tmp_path, run_name="e", epochs=2, **cosine), tracker=MemoryTracker(), data=data, progress="none")
+    with pytest.warns(UserWarning, match=r"lr schedule rescaled from 8 to 16 total steps .*at step 8 the lr factor "
+                      r"is now 0\.5"):  # fmt: skip
+        more = fit(make_config(tmp_path, run_name="e", epochs=4, resume=True, **cosine), tracker=MemoryTracker(),
+                   data=data, progress="none")  # fmt: skip
+    lrs = [r["lr"] for r in more.history]
+    assert lrs[1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))  # the old run's last step
+    assert lrs[2:] == pytest.approx([r["lr"] for r in whole.history][2:]) and min(lrs[2:]) > 0
+    assert lrs[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 11 / 16)))
+
+
 def test_an_absurd_learning_rate_diverges_without_raising(tmp_path, data):
     tracker = MemoryTracker()
     result = fit(make_config(tmp_path, epochs=3, optimizer="sgd", lr=1e6), tracker=tracker, data=data, progress="none")

@@ -27,7 +27,7 @@ from vitbn.engine.checkpoint import (
 from vitbn.engine.device import make_amp, resolve_device, seed_everything
 from vitbn.engine.evaluate import evaluate
 from vitbn.engine.history import write_history
-from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler
+from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler, load_scheduler
 from vitbn.engine.parallel import any_rank, from_main, reduce_evaluation, seed_rank_epoch, sum_over_ranks
 from vitbn.engine.progress import Progress
 from vitbn.engine.sam import SAM
@@ -187,7 +187,9 @@ class _Run:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
         if self.scheduler is not None and ckpt.get("scheduler"):
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            note = load_scheduler(self.scheduler, ckpt["scheduler"], self.config.train, len(self.loaders.train))
+            if note:
+                warnings.warn(note, stacklevel=3)
         if self.amp.scaler is not None and ckpt.get("scaler"):
             self.amp.scaler.load_state_dict(ckpt["scaler"])
         self.history, self.start_epoch = list(ckpt["history"]), int(ckpt["epoch"])

@@ -83,6 +83,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return LambdaLR(optimizer, factor)
 
 
+def load_scheduler(scheduler: LambdaLR, state: dict, cfg: TrainConfig, steps_per_epoch: int) -> str | None:
+    """Loads a checkpoint's scheduler state, keeping this run's schedule length: a run resumed with more (or
+    fewer) ``epochs`` than it was started with would otherwise keep the old total, and a cosine lr would sit at 0
+    for the added epochs. The schedule is rescaled to the new total (the lr continues on the new curve from the
+    current step); returns a note saying so, or None when nothing changed."""
+    scheduler.load_state_dict(state)
+    factor = scheduler.lr_lambdas[0]
+    warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    if (factor.warmup_steps, factor.total_steps) == (warmup, total):
+        return None
+    old_warmup, old_total = factor.warmup_steps, factor.total_steps
+    factor.warmup_steps, factor.total_steps = warmup, total
+    note = (f"lr schedule rescaled from {old_total} to {total} total steps (warm-up {old_warmup} -> {warmup}): the "
+            f"run was started with another --epochs; at step {scheduler.last_epoch} the lr factor is now "
+            f"{factor(scheduler.last_epoch):.4g}")  # fmt: skip
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return note
+
+
 @dataclass(frozen=True)
 class PRepBNRamp:
     """PRepBN's lambda by optimizer step (``vitbn.models.norms.prepbn_lambda``): ``warmup`` LayerNorm-only steps,

@@ -48,10 +48,11 @@ def run_folder(client, run_id: str) -> Path:
 
 
 def ensure_analysis(client, run_id: str, options: AnalyzeOptions, tracking_uri: str | None) -> dict:
-    """The analysis of run ``run_id``'s model with ``options``: read back from ``analysis/analysis.json`` when it
+    """The analysis of run ``run_id``'s model with ``options`` (on the GPU when there is one): read back from ``analysis/analysis.json`` when it
     was made with the same options, else computed, written there and logged to the run."""
     from vitbn.analysis.run import analyze_checkpoint
     from vitbn.analysis.tracking import log_analysis
+    from vitbn.engine.device import resolve_device
 
     folder = run_folder(client, run_id)
     path = folder / "analysis" / RESULT_NAME
@@ -62,7 +63,7 @@ def ensure_analysis(client, run_id: str, options: AnalyzeOptions, tracking_uri: 
             found = {}
         if found.get("options") == asdict(options):
             return found
-    result, out, _ = analyze_checkpoint(folder, options, progress=True)
+    result, out, _ = analyze_checkpoint(folder, options, device=resolve_device("auto"), progress=True)
     log_analysis(run_id, tracking_uri, result, out)
     return result
 
