@@ -48,8 +48,9 @@ def run_folder(client, run_id: str) -> Path:
 
 
 def ensure_analysis(client, run_id: str, options: AnalyzeOptions, tracking_uri: str | None) -> dict:
-    """The analysis of run ``run_id``'s model with ``options`` (on the GPU when there is one): read back from ``analysis/analysis.json`` when it
-    was made with the same options, else computed, written there and logged to the run."""
+    """The analysis of run ``run_id``'s model with ``options``: read back from ``analysis/analysis.json`` when it
+    was made with the same options, else computed (on the GPU when there is one), written there and logged to the
+    run."""
     from vitbn.analysis.run import analyze_checkpoint
     from vitbn.analysis.tracking import log_analysis
     from vitbn.engine.device import resolve_device
