@@ -46,13 +46,25 @@ def _timing_note(runs: RunSet) -> str:
         how = "median over all epochs (runs of at most 2 epochs keep epoch 1)"
     else:
         how = "median over epochs, epoch 1 excluded in runs of more than 2 epochs"
+    several = _seeds_per_model(runs) > 1
+    over = "mean over the finished runs (seeds)" if several else "one seed"
     return (
-        f"T(train), T(test): seconds per epoch, {how}, mean over seeds. r_t = T(ViT, train) / T(model, train), "
+        f"Accuracy and times: {over}; diverged and unfinished runs are counted in 'diverged', not averaged. "
+        f"T(train), T(test): seconds per epoch, {how}. r_t = T(ViT, train) / T(model, train), "
         "r_v the same for the test pass, g = (1 - 1/r) x 100%; FLOPs ratio = FLOPs(ViT) / FLOPs(model), forward "
         "pass per image. 'vs' names the ViT each row is compared with (same depth, else the deepest). Time to "
-        "97% / 98%: cumulative train seconds until the per-epoch accuracy first reaches it (mean over the seeds "
-        "that reach it)."
+        "97% / 98%: cumulative train seconds until the per-epoch accuracy first reaches it"
+        + (" (mean over the runs that reach it)." if several else ".")
     )
+
+
+def _seeds_per_model(runs: RunSet) -> int:
+    """The most seeds any one (setting, label) has."""
+    frame = runs.runs
+    if frame.empty:
+        return 0
+    keys = [k for k in ("setting", "label") if k in frame]
+    return int(frame.groupby(keys)["seed"].nunique().max())
 
 
 def _epoch_figures(runs: RunSet) -> list[Block]:
@@ -62,7 +74,8 @@ def _epoch_figures(runs: RunSet) -> list[Block]:
     blocks = []
     for setting, part in merged.groupby("setting", sort=False):
         curves = part.groupby(["label", "epoch"], sort=False)[columns].mean().reset_index()  # mean over seeds
-        fig = plots.epoch_panels(curves, f"{setting} (mean over seeds)", ylabels=labels)
+        title = f"{setting} (mean over seeds)" if _seeds_per_model(runs) > 1 else str(setting)
+        fig = plots.epoch_panels(curves, title, ylabels=labels)
         blocks.append(("img", f"epochs_{_slug(setting)}.png", plots.to_png(fig), f"Per epoch, {setting}"))
     return blocks
 
