@@ -144,8 +144,10 @@ def test_flops_sentences():
     quick = flops_sentence({"model": "vitbn", "depth": 1, "t_train": 1.0, "flops": 1.0},
                            {"model": "vit", "depth": 6, "t_train": 4.9, "flops": 5.9})  # fmt: skip
     assert "whole ratio" not in quick and "about 20% of ViTBN (depth 1)'s epoch" in quick
-    assert flops_sentence({"model": "vitbn", "depth": 6, "t_train": 1.0, "flops": 1.0},
-                          {"model": "vit", "depth": 6, "t_train": 4.0, "flops": 4.1}).endswith("the whole ratio.")
+    assert flops_sentence(
+        {"model": "vitbn", "depth": 6, "t_train": 1.0, "flops": 1.0},
+        {"model": "vit", "depth": 6, "t_train": 4.0, "flops": 4.1},
+    ).endswith("the whole ratio.")
     row = {"model": "vitbn", "depth": 6, "t_train": 1.0, "flops": 3.0}
     ref = {"model": "vit", "depth": 6, "t_train": 4.0, "flops": 6.0}
     assert flops_sentence(row, ref) == (
