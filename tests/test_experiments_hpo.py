@@ -9,7 +9,18 @@ import pytest
 
 from vitbn.config import HPOConfig
 from vitbn.errors import UserError
-from vitbn.experiments.hpo import TrialOutcome, lr_range, new_client, optimize, trial_table
+from vitbn.experiments.hpo import (
+    TrialOutcome,
+    best_parameters,
+    last_epochs_mean,
+    lr_range,
+    new_client,
+    optimize,
+    trial_table,
+)
+from vitbn.experiments.runner import ChildResult
+
+OBJECTIVE = "val_acc"
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pandas 3 deprecations inside Ax
 
@@ -62,10 +73,57 @@ def test_sobol_then_botorch_resumes_without_repeating(tmp_path):
         assert row["val_acc"] == pytest.approx(fake_accuracy(params))
 
 
-def test_diverged_trial_is_completed_with_zero_accuracy(tmp_path):
-    hpo = HPOConfig(trials=2, sobol_trials=2, seed=0)
-    client = optimize(tmp_path / "ax.json", factory(hpo), Recorder(diverge_over=0.0), trials=2)
-    assert [(row["trial_status"], row["val_acc"]) for row in trial_table(client)] == [("COMPLETED", 0.0)] * 2
+def test_diverged_trials_are_marked_failed_not_observed_as_zero(tmp_path):
+    hpo = HPOConfig(trials=4, sobol_trials=3, seed=0)
+    recorder = Recorder(diverge_over=3e-4)
+    client = optimize(tmp_path / "ax.json", factory(hpo), recorder, trials=4)
+    table = trial_table(client)
+    assert len(table) == 4 and len(recorder.calls) == 4  # a failed trial counts against the budget
+    for (_, params), row in zip(recorder.calls, table):
+        if params["lr"] > 3e-4:
+            assert row["trial_status"] == "FAILED" and math.isnan(row.get("val_acc", math.nan))
+        else:
+            assert row["trial_status"] == "COMPLETED" and row["val_acc"] == pytest.approx(fake_accuracy(params))
+    assert {row["trial_status"] for row in table} == {"FAILED", "COMPLETED"}  # the seed gives both
+    again = optimize(tmp_path / "ax.json", factory(hpo), Recorder(), trials=4)
+    assert [r["trial_status"] for r in trial_table(again)] == [r["trial_status"] for r in table]  # state reloaded
+
+
+def test_best_is_the_model_prediction_among_evaluated_arms(tmp_path):
+    hpo = HPOConfig(trials=8, sobol_trials=4, seed=0)
+    recorder = Recorder()
+    client = optimize(tmp_path / "ax.json", factory(hpo), recorder, trials=8)
+    params, value, index = best_parameters(client)
+    assert params in [p for _, p in recorder.calls] and recorder.calls[index][1] == params
+    ((predicted, _sem),) = [client.predict([params])[0][OBJECTIVE]]
+    assert value == pytest.approx(predicted, rel=1e-9)
+    observed = fake_accuracy(params)
+    assert value != observed  # a prediction, not the raw observation
+
+
+class _Metric:
+    def __init__(self, step, value, timestamp=0):
+        self.step, self.value, self.timestamp = step, value, timestamp
+
+
+def test_objective_is_the_mean_of_the_last_epochs():
+    history = [_Metric(1, 0.5), _Metric(2, 0.8), _Metric(3, 0.6, 1), _Metric(3, 0.9, 2), _Metric(4, 0.7)]
+
+    class Client:
+        def get_metric_history(self, run_id, key):
+            assert (run_id, key) == ("r1", "val/acc")
+            return history
+
+    class Exp:
+        client = Client()
+
+    result = ChildResult(("x",), "finished", "r1", {"val/acc": 0.7}, "new")
+    assert last_epochs_mean(Exp(), result, 3) == pytest.approx((0.8 + 0.9 + 0.7) / 3)  # epoch 3's last value
+    assert last_epochs_mean(Exp(), result, 10) == pytest.approx((0.5 + 0.8 + 0.9 + 0.7) / 4)
+    history.clear()
+    assert math.isnan(last_epochs_mean(Exp(), result, 3))
+    with pytest.raises(ValueError, match="objective_epochs"):
+        HPOConfig(objective_epochs=0)
 
 
 def test_trial_left_running_is_run_again_with_its_parameters(tmp_path):

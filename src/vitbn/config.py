@@ -361,6 +361,7 @@ class HPOConfig:
     trials: int = 20
     sobol_trials: int = 5  # quasi-random trials before BoTorch takes over
     epochs: int = 3  # epochs per trial
+    objective_epochs: int = 3  # the objective: mean validation accuracy of a trial's last N epochs
     lr_min: float | None = None  # None: the study's range for the model (ViT [1e-5, 1e-3], BN [1e-5, 1e-2])
     lr_max: float | None = None
     batch_min: int = 20
@@ -368,7 +369,7 @@ class HPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("trials", "epochs", "batch_min", "batch_max"):
+        for name in ("trials", "epochs", "objective_epochs", "batch_min", "batch_max"):
             _positive(name, getattr(self, name))
         _non_negative("sobol_trials", self.sobol_trials)
         if self.batch_min > self.batch_max:

@@ -4,9 +4,13 @@ of every model, then the tuned models trained side by side.
 The Ax state is written to a JSON file after every change (a trial created, completed or failed) and logged as an
 artifact of the parent run, so an interrupted tuning resumes where it stopped: the file is loaded, a trial left
 running is run again under its own index and parameters, and new trials are asked for only up to
-``HPOConfig.trials``. A diverged trial is *completed with val_acc = 0.0* rather than marked failed: the surrogate
-then learns that this region is bad (a failed trial carries no observation, and Ax may suggest the same region
-again), and the trial counts against the budget like any other.
+``HPOConfig.trials``.
+
+The objective is the validation accuracy averaged over the last ``HPOConfig.objective_epochs`` epochs of a trial
+(one last-epoch accuracy is noisy). A diverged trial is *marked failed* to Ax: a made-up 0 would be an observation
+far outside the others and would bend the Gaussian process around it; the trial counts against the budget like any
+other. The best parameters are those the BoTorch model predicts best among the evaluated arms (the raw best
+observation once there is no model yet, as during Sobol), not the raw maximum of a noisy objective.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from vitbn.experiments.runs import child_tags
 log = logging.getLogger(__name__)
 KIND = "tune"
 OBJECTIVE = "val_acc"
-DIVERGED_ACC = 0.0
 # The study's learning-rate ranges: the LayerNorm ViT diverges above 1e-3, the BatchNorm models are searched wider.
 STUDY_LR_RANGE = {"vit": (1e-5, 1e-3)}
 DEFAULT_LR_RANGE = (1e-5, 1e-2)
@@ -128,8 +131,10 @@ def optimize(
 
     def run(index: int, params: dict) -> None:
         outcome = evaluate(index, params)
-        acc = DIVERGED_ACC if outcome.status == "diverged" or not math.isfinite(outcome.val_acc) else outcome.val_acc
-        client.complete_trial(index, raw_data={OBJECTIVE: float(acc)})
+        if outcome.status == "diverged" or not math.isfinite(outcome.val_acc):
+            client.mark_trial_failed(index, failed_reason=f"{outcome.status}: no finite validation accuracy")
+        else:
+            client.complete_trial(index, raw_data={OBJECTIVE: float(outcome.val_acc)})
         save()
 
     table = trial_table(client)
@@ -144,10 +149,22 @@ def optimize(
 
 
 def best_parameters(client) -> tuple[dict, float, int]:
-    """(parameters, val_acc, trial index) of the best observed trial (raw data, not the model's prediction)."""
-    params, outcome, index, _ = client.get_best_parameterization(use_model_predictions=False)
+    """(parameters, val_acc, trial index) of the evaluated arm that the model predicts best, with the predicted
+    val_acc (Ax falls back to the best raw observation when no model has been fitted, e.g. during Sobol)."""
+    params, outcome, index, _ = client.get_best_parameterization(use_model_predictions=True)
     value = outcome[OBJECTIVE]
     return dict(params), float(value[0] if isinstance(value, tuple) else value), int(index)
+
+
+def last_epochs_mean(exp: Experiment, result: ChildResult, k: int) -> float:
+    """The mean validation accuracy of the trial's last ``k`` epochs (its MLflow ``val/acc`` history; fewer epochs
+    when it ran fewer); NaN when it has none (diverged before a validation pass)."""
+    if result.run_id is None:
+        return result.final.get("val/acc", math.nan)
+    points = sorted(exp.client.get_metric_history(result.run_id, "val/acc"), key=lambda m: (m.step, m.timestamp))
+    by_epoch = {m.step: m.value for m in points}  # a resumed epoch logged twice: its last value
+    values = [by_epoch[e] for e in sorted(by_epoch)][-k:]
+    return sum(values) / len(values) if values else math.nan
 
 
 def _trial_evaluator(exp: Experiment, spec: ModelSpec, hpo: HPOConfig) -> Callable[[int, dict], TrialOutcome]:
@@ -168,7 +185,7 @@ def _trial_evaluator(exp: Experiment, spec: ModelSpec, hpo: HPOConfig) -> Callab
             trial=index,
         )
         result = exp.run_child(config, tags)
-        acc = result.final.get("val/acc", math.nan)
+        acc = last_epochs_mean(exp, result, hpo.objective_epochs)
         log.info(
             "%s trial %d lr=%.3g batch=%d: %s val_acc=%.4f",
             spec.label,
