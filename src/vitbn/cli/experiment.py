@@ -181,7 +181,8 @@ def run_tune(args: argparse.Namespace) -> int:
     result = run_tuning(preset, final=not args.no_final, progress=args.progress)
     for label, (params, acc, index) in result.best.items():
         print(
-            f"{label}: best lr={params['lr']:.4g} batch_size={params['batch_size']} estimated val_acc={acc:.4f} (trial {index})"
+            f"{label}: best lr={params['lr']:.4g} batch_size={params['batch_size']} estimated val_acc={acc:.4f} "
+            f"(trial {index})"
         )
     print(f"tune {preset.name}: parent run {result.parent_id}")
     _report(args, result.parent_id, preset)
