@@ -92,6 +92,8 @@ def test_cli_lists_presets_and_reports_bad_input_in_one_line(capsys):
     assert capsys.readouterr().err.strip() == (
         "vitbn experiment: error: --lr [0.2] not in preset 'study' lrs [0.0005, 0.005, 0.01] (use a YAML preset)"
     )
+    assert main(["experiment", "lr-sweep", "--lr", "0.2"]) == 2  # no --preset: the quick one, not hours of study
+    assert "not in preset 'quick' lrs [0.0005, 0.005]" in capsys.readouterr().err
     assert main(["experiment", "lr-sweep", "--preset", "study-tune"]) == 2
     assert "has no learning rates to sweep" in capsys.readouterr().err
     assert main(["experiment", "tune", "--preset", "study", "--tracking-uri", "sqlite:////nonexistent/x.db"]) == 2

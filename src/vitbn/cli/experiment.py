@@ -46,11 +46,12 @@ def register(subparsers) -> None:
         "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms or sam"
     )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
-    sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable)")
+    sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable); "
+                           "default preset quick (minutes), --preset study for the study's 30 epochs")  # fmt: skip
     _common(sweep, RUN_FLAGS)
     sweep.add_argument("--lr", nargs="+", type=float, help="a subset of the preset's learning rates")
     sweep.add_argument("--epochs", type=int, help="epochs of every training run")
-    sweep.set_defaults(func=run_sweep, default_preset="study")
+    sweep.set_defaults(func=run_sweep, default_preset="quick")  # minutes; --preset study is hours on a CPU
     recipes = sub.add_parser("recipes", help="Touvron et al.'s recipes (parallel blocks, LayerScale, stochastic "
                              "depth, hMLP stem) on ViT and ViTBN, with a report")  # fmt: skip
     norms = sub.add_parser("norms", help="LayerNorm, RMSNorm, DyT, BatchNorm (FFN / everywhere) and PRepBN on one "
