@@ -18,6 +18,7 @@ from vitbn.bn.distributed import (
     TORCHRUN_VARS,
     DistInfo,
     all_reduce_mean,
+    average_bn_buffers,
     destroy_distributed,
     init_distributed,
     is_main_process,
@@ -138,6 +139,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         converted = sum(isinstance(m, AllReduceSyncBatchNorm) for m in model.modules())
         step = _one_step(model, local_x, local_y)
         step["loss"] = all_reduce_mean(step["loss"])  # the loss over the global batch
+        step["unaveraged"] = _bn_stats(model)  # after the step and the loss-after forward
+        step["averaged_count"] = average_bn_buffers(model)
+        step["averaged"] = _bn_stats(model)
         with torch.no_grad():  # the global batch on every rank (same parameters everywhere)
             step["after"] = nn.functional.cross_entropy(unwrap(model)(x), y).item()
         result[sync] = {**step, "converted": converted}
@@ -200,3 +204,20 @@ def test_ddp_with_sync_bn_matches_one_process(tmp_path):
     key = "transformer.norm.bn.running_var"
     assert not torch.allclose(plain["stats"][key], single["stats"][key], rtol=1e-3, atol=1e-4)
     assert not torch.allclose(plain["stats"][key], ranks[1][False]["stats"][key], rtol=1e-3, atol=1e-4)
+    # before evaluation the ranks' statistics are averaged: both ranks hold the mean of the two
+    assert plain["averaged_count"] == 7
+    for k, value in plain["unaveraged"].items():
+        mean = (value.double() + ranks[1][False]["unaveraged"][k].double()) / 2
+        assert_close(plain["averaged"][k], mean.float(), rtol=1e-6, atol=1e-7, msg=k)
+        assert torch.equal(plain["averaged"][k], ranks[1][False]["averaged"][k])
+    assert not torch.equal(plain["unaveraged"][key], ranks[1][False]["unaveraged"][key])
+    for k, value in sync["unaveraged"].items():  # under SyncBN they were equal already, and stay so
+        assert_close(sync["averaged"][k], value, rtol=1e-6, atol=1e-7)
+
+
+def test_ghost_bn_is_refused_by_sync_bn_conversion():
+    model = create_model("vitbn", **TINY, ghost_batch_size=4)
+    with pytest.raises(ValueError, match=r"SyncBN and ghost BN \(ghost_batch_size=4\) exclude each other"):
+        convert_sync_batchnorm(model)
+    assert not any(isinstance(m, AllReduceSyncBatchNorm) for m in model.modules())  # nothing converted
+    assert average_bn_buffers(model) == 0  # outside a distributed run: a no-op

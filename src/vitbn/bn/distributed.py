@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitbn.bn.syncbn import convert_sync_batchnorm
+from vitbn.bn.syncbn import convert_sync_batchnorm, refuse_ghost_bn
 from vitbn.errors import UserError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -175,6 +175,7 @@ def wrap_ddp(model: nn.Module, *, sync_bn: bool = False, device: str | torch.dev
         return model
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if sync_bn:  # PyTorch's fused kernels on CUDA; DDP rejects nn.SyncBatchNorm elsewhere
+        refuse_ghost_bn(model)
         model = (
             nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
         )
@@ -182,6 +183,31 @@ def wrap_ddp(model: nn.Module, *, sync_bn: bool = False, device: str | torch.dev
     if device.type != "cuda":
         return DistributedDataParallel(model)
     return DistributedDataParallel(model, device_ids=[device.index if device.index is not None else 0])
+
+
+def average_bn_buffers(model: nn.Module) -> int:
+    """Averages every BatchNorm's running mean and variance over the ranks, in place (a no-op outside a
+    distributed run); returns how many BatchNorms it averaged.
+
+    Without SyncBN each rank's running statistics follow its own shard, so ranks would evaluate (and rank 0 would
+    save) different models. The mean over ranks is what SyncBN's update of the running mean would give for the
+    last step (the variance: the mean of the ranks' variances, without the spread of their means); DDP broadcasts
+    rank 0's buffers before the next training forward as usual. Call on every rank (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    count, world = 0, dist.get_world_size()
+    for module in unwrap(model).modules():
+        if not isinstance(module, _BatchNorm) or module.running_mean is None:
+            continue
+        for buffer in (module.running_mean, module.running_var):
+            work = buffer.detach().to(backend_device or buffer.device, torch.float64)
+            dist.all_reduce(work)
+            buffer.copy_((work / world).to(buffer.dtype))
+        count += 1
+    return count
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -87,12 +87,31 @@ class AllReduceSyncBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
+def refuse_ghost_bn(module: nn.Module) -> None:
+    """Raises ValueError when ``module`` holds ghost BN: its training path normalizes each sub-batch with its own
+    statistics, bypassing the inner BatchNorm, so a SyncBN conversion would silently leave it unsynchronized."""
+    from vitbn.models.norms import TokenBatchNorm
+
+    sizes = sorted({m.ghost_batch_size for m in module.modules() if isinstance(m, TokenBatchNorm)} - {None})
+    if sizes:
+        raise ValueError(
+            f"SyncBN and ghost BN (ghost_batch_size={sizes[0]}) exclude each other: SyncBN normalizes over the whole "
+            "global batch, ghost BN over sub-batches; set the ghost batch size to None first"
+        )
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replaces every BatchNorm of ``module`` by an ``AllReduceSyncBatchNorm`` sharing its tensors.
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``, which builds the CUDA-only ``nn.SyncBatchNorm``. Returns
-    the converted module (a new one if ``module`` itself is a BatchNorm).
+    the converted module (a new one if ``module`` itself is a BatchNorm). A module with ghost BN is refused
+    (``refuse_ghost_bn``).
     """
+    refuse_ghost_bn(module)
+    return _convert(module, process_group)
+
+
+def _convert(module: nn.Module, process_group) -> nn.Module:
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, AllReduceSyncBatchNorm):
         out = AllReduceSyncBatchNorm(
@@ -104,5 +123,5 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, process_group))
+        out.add_module(name, _convert(child, process_group))
     return out

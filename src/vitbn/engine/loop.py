@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitbn.bn.distributed import DistInfo, init_distributed, wrap_ddp
+from vitbn.bn.distributed import DistInfo, average_bn_buffers, init_distributed, wrap_ddp
 from vitbn.config import RunConfig, save_yaml
 from vitbn.engine.checkpoint import (
     CHECKPOINT_NAME,
@@ -341,6 +341,8 @@ class _Run:
             with Stopwatch(self.device) as watch:
                 recompute_bn_stats(self.model, self.loaders.bn, batches, **pooled)
             record["time/precise_bn_s"] = watch.seconds
+        elif self.info.distributed and not tc.sync_bn and self.model.config.uses_batchnorm:
+            average_bn_buffers(self.model)  # else each rank would evaluate (and rank 0 save) its own statistics
         splits = {"val": self.loaders.val, "test": self.loaders.test if self.config.data.test_every_epoch else None}
         seconds = [self._log_split(record, split, loader) for split, loader in splits.items() if loader is not None]
         if seconds:
