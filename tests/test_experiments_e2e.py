@@ -76,9 +76,10 @@ def test_lr_sweep_runs_resumes_and_reports(tmp_path, tiny_overrides):
     assert "| setting | model | depth | seeds | diverged | batch | final acc |" in md
     assert "| r_t | g_t | r_v | g_v | FLOPs ratio |" in md
     assert "ViTBN (depth 1) trains" in md  # depth-1 BN against the depth-2 ViT
-    assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == 5
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
-    assert pngs == ["epochs_lr0.001.png", "epochs_lr1e30.png", "time_vs_lr.png"]
+    assert pngs == ["acc_vs_time_lr0.001.png", "acc_vs_time_lr1e30.png", "epochs_lr0.001.png", "epochs_lr1e30.png",
+                    "time_vs_lr.png"]  # fmt: skip
     logged = {a.path for a in client.list_artifacts(result.parent_id, "report")}
     assert {"report/report.md", "report/report.html", "report/time_vs_lr.png"} <= logged
 
@@ -115,4 +116,5 @@ def test_tuning_interrupted_then_resumed(tmp_path, tiny_overrides):
     report = build_report("tiny-tune", tmp_path / "report", tracking_uri=preset.run["track"]["tracking_uri"])
     md = report.markdown.read_text()
     assert "## Tuning" in md and "| vitbn-d1 | 3 | 0 |" in md
-    assert sorted(p.name for p in report.figures) == ["epochs_tuned2epochs.png", "tuning.png"]
+    assert sorted(p.name for p in report.figures) == ["acc_vs_time_tuned2epochs.png", "epochs_tuned2epochs.png",
+                                                      "tuning.png"]  # fmt: skip

@@ -109,7 +109,25 @@ def test_formatted_cells_say_not_reached_and_partial_seeds():
     assert cells["ViT"][-2:] == ["14.2 s", "15.2 s (1/2 runs)"]
     assert cells["ViTBN"][-2:] == ["not reached", "not reached"]
     assert cells["ViT"][3:7] == ["2", "0", "-", "97.80% ± 0.70 [97.10-98.50]"]
-    assert cells["ViTBN"][12:17] == ["3.50", "71.4%", "4.00", "75.0%", "6.00"]
+    assert cells["ViTBN"][13:18] == ["3.50", "71.4%", "4.00", "75.0%", "6.00"]
+    assert cells["ViT"][11] == "-"  # no PreciseBN
+
+
+def test_precise_bn_time_has_its_column_and_counts_in_the_time_to_a_usable_model():
+    runs = synthetic()
+    history = runs.history.assign(precise_s=[0.5 if r == "a0" else math.nan for r in runs.history["run_id"]])
+    table = summary_table(runs.runs, history).set_index("label")
+    vit = table.loc["vit-d6"]
+    assert vit["t_precise"] == pytest.approx(0.5)  # a0's median; a1 did not run PreciseBN
+    # a0 reaches 97% at epoch 3: (9 + 2 + 2) s of training + 3 x 0.5 s of PreciseBN; a1 at epoch 4 without it
+    assert vit["t97"] == pytest.approx(((9 + 2 + 2 + 1.5) + (9 + 2.2 + 2 + 2.2)) / 2)
+    assert time_to_reach(history[history["run_id"] == "a0"], 0.98) == pytest.approx(9 + 2 + 2 + 2.2 + 2.0)
+    cells = {row[1]: row for row in format_cells(table.reset_index())}
+    assert cells["ViT"][11] == "0.500"
+    from vitbn.report.build import usable_seconds
+
+    usable = usable_seconds(history)
+    assert usable[usable["run_id"] == "a0"]["usable_s"].tolist() == pytest.approx([9.5, 12.0, 14.5, 17.2])
 
 
 def test_diverged_and_unfinished_runs_are_counted_not_averaged():
@@ -169,10 +187,15 @@ def test_report_files(tmp_path):
     assert "| setting | model | depth | seeds | diverged | batch | final acc |" in md_text
     assert "| r_t | g_t | r_v | g_v | FLOPs ratio |" in md_text
     md, page, figures = write_report(blocks, tmp_path / "out", "t")
-    assert sorted(f.name for f in figures) == ["epochs_lr0.001.png", "time_vs_lr.png", "tuning.png"]
+    assert sorted(f.name for f in figures) == [
+        "acc_vs_time_lr0.001.png",
+        "epochs_lr0.001.png",
+        "time_vs_lr.png",
+        "tuning.png",
+    ]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
     assert md.read_text() == md_text
-    assert page.read_text().count('src="data:image/png;base64,iVBORw0KGgo') == 3
+    assert page.read_text().count('src="data:image/png;base64,iVBORw0KGgo') == 4
     assert "| vit-d6 | 3 | 1 | 95.00% | 0.0003 | 90 | 2 |" in md_text  # best trial of the tuning
 
 

@@ -15,7 +15,14 @@ from vitbn.errors import UserError
 from vitbn.experiments.runs import mlflow_client, resolve_parent
 from vitbn.report import plots
 from vitbn.report.runs import RunSet, load_run_set
-from vitbn.report.tables import COLUMNS, comparison_sentences, format_cells, markdown_table, summary_table
+from vitbn.report.tables import (
+    COLUMNS,
+    comparison_sentences,
+    format_cells,
+    markdown_table,
+    summary_table,
+    usable_epoch_seconds,
+)
 
 # A report is a list of blocks, rendered twice: ("h2", text) | ("p", text) | ("ul", [items]) |
 # ("table", header, cells) | ("img", file name, png bytes, caption).
@@ -53,8 +60,8 @@ def _timing_note(runs: RunSet) -> str:
         f"T(train), T(test): seconds per epoch, {how}. r_t = T(ViT, train) / T(model, train), "
         "r_v the same for the test pass, g = (1 - 1/r) x 100%; FLOPs ratio = FLOPs(ViT) / FLOPs(model), forward "
         "pass per image. 'vs' names the ViT each row is compared with (same depth, else the deepest). Time to "
-        "97% / 98%: cumulative train seconds until the per-epoch accuracy first reaches it"
-        + (" (mean over the runs that reach it)." if several else ".")
+        "97% / 98%: cumulative seconds to a usable model (training, plus PreciseBN where it ran: its own column) "
+        "until the per-epoch accuracy first reaches it" + (" (mean over the runs that reach it)." if several else ".")
     )
 
 
@@ -77,7 +84,19 @@ def _epoch_figures(runs: RunSet) -> list[Block]:
         title = f"{setting} (mean over seeds)" if _seeds_per_model(runs) > 1 else str(setting)
         fig = plots.epoch_panels(curves, title, ylabels=labels)
         blocks.append(("img", f"epochs_{_slug(setting)}.png", plots.to_png(fig), f"Per epoch, {setting}"))
+        timed = usable_seconds(part).groupby(["label", "epoch"], sort=False)[["usable_s", "acc"]].mean()
+        fig = plots.acc_vs_time(timed.reset_index(), title, ylabel=labels.get("acc", "test accuracy"))
+        blocks.append(("img", f"acc_vs_time_{_slug(setting)}.png", plots.to_png(fig),
+                       f"Accuracy against the seconds to a usable model, {setting}"))  # fmt: skip
     return blocks
+
+
+def usable_seconds(history: pd.DataFrame) -> pd.DataFrame:
+    """``history`` with ``usable_s``: per run, the cumulative train seconds plus PreciseBN's (where it ran) at the
+    end of each epoch."""
+    out = history.sort_values(["run_id", "epoch"]).copy()
+    out["usable_s"] = usable_epoch_seconds(out).groupby(out["run_id"]).cumsum()
+    return out
 
 
 def _lr_figure(table: pd.DataFrame, runs: RunSet) -> list[Block]:

@@ -57,6 +57,28 @@ def epoch_panels(curves: pd.DataFrame, title: str, *, ylabels: dict[str, str] | 
     return fig
 
 
+def acc_vs_time(curves: pd.DataFrame, title: str, *, ylabel: str = "test accuracy") -> Figure:
+    """Accuracy against the cumulative seconds to a usable model (training, plus PreciseBN where it ran), one
+    line per label: what a reader with a time budget compares.
+
+    Args:
+        curves: one row per (label, epoch) with ``label``, ``epoch``, ``usable_s`` (cumulative seconds at the
+            end of the epoch) and ``acc``.
+        title: the figure title.
+        ylabel: the y axis label.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label in _labels_in_order(curves):
+        part = curves[curves["label"] == label].sort_values("epoch")
+        ax.plot(part["usable_s"], part["acc"], marker="o", markersize=3, label=label)
+    ax.set_xlabel("seconds to a usable model (train + PreciseBN, cumulative)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 def time_vs_lr(points: pd.DataFrame, *, column: str = "train_s", ylabel: str = "train seconds per epoch") -> Figure:
     """Seconds per epoch against the learning rate, one line per label.
 

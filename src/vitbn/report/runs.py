@@ -23,6 +23,7 @@ METRICS = {
     "train_s": "time/train_epoch_s",
     "test_time_s": "time/test_epoch_s",
     "val_time_s": "time/val_epoch_s",
+    "precise_s": "time/precise_bn_s",  # PreciseBN before each evaluation (train.precise_bn)
 }
 
 

@@ -34,10 +34,17 @@ def per_epoch_median(values: pd.Series, epochs: pd.Series) -> float:
 
 
 def time_to_reach(history: pd.DataFrame, threshold: float) -> float:
-    """Cumulative train seconds at the end of the first epoch whose accuracy reaches ``threshold`` (NaN if none)."""
+    """Cumulative seconds to a usable model at the end of the first epoch whose accuracy reaches ``threshold``
+    (NaN if none): training, plus PreciseBN's recomputation of the statistics when the run used it
+    (``precise_s``), since the model is not usable before it."""
     h = history.sort_values("epoch")
     reached = np.flatnonzero(h["acc"].to_numpy() >= threshold)
-    return float(h["train_s"].cumsum().iloc[reached[0]]) if len(reached) else math.nan
+    return float(usable_epoch_seconds(h).cumsum().iloc[reached[0]]) if len(reached) else math.nan
+
+
+def usable_epoch_seconds(history: pd.DataFrame) -> pd.Series:
+    """Per epoch: its train seconds plus PreciseBN's (``precise_s``, where the run used it)."""
+    return history["train_s"] + (history["precise_s"].fillna(0.0) if "precise_s" in history else 0.0)
 
 
 def run_stats(history: pd.DataFrame) -> pd.DataFrame:
@@ -45,12 +52,14 @@ def run_stats(history: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run_id, h in history.groupby("run_id", sort=False):
         row = {"run_id": run_id, "epochs": int(h["epoch"].max()), "t_train": per_epoch_median(h["train_s"], h["epoch"])}
+        precise = h.dropna(subset=["precise_s"]) if "precise_s" in h else h.iloc[:0]
+        row["t_precise"] = per_epoch_median(precise["precise_s"], precise["epoch"]) if len(precise) else math.nan
         test = h.dropna(subset=["test_s"])
         row["t_test"] = per_epoch_median(test["test_s"], test["epoch"]) if len(test) else math.nan
         for thr in THRESHOLDS:
             row[f"t{round(thr * 100)}"] = time_to_reach(h.dropna(subset=["acc"]), thr)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["run_id", "epochs", "t_train", "t_test", *_time_cols()])
+    return pd.DataFrame(rows, columns=["run_id", "epochs", "t_train", "t_precise", "t_test", *_time_cols()])
 
 
 def _time_cols() -> list[str]:
@@ -77,6 +86,7 @@ def _aggregate(group: pd.DataFrame) -> dict:
         "flops": group["flops"].iloc[0],
         "t_train": done["t_train"].mean(),
         "t_test": done["t_test"].mean(),
+        "t_precise": done["t_precise"].mean() if "t_precise" in done else math.nan,
     }
     for col in _time_cols():
         out[col] = done[col].mean()  # over the runs that reached the threshold
@@ -210,6 +220,7 @@ COLUMNS = (
     ("mflops", "MFLOPs/img"),
     ("t_train", "T(train) s/epoch"),
     ("t_test", "T(test) s/epoch"),
+    ("t_precise", "T(PreciseBN) s/epoch"),
     ("ref", "vs"),
     ("r_t", "r_t"),
     ("g_t", "g_t"),
@@ -251,6 +262,7 @@ def format_cells(table: pd.DataFrame) -> list[list[str]]:
             "mflops": _num(row["flops"] / 1e6, ".2f"),
             "t_train": _num(row["t_train"], ".3f"),
             "t_test": _num(row["t_test"], ".3f"),
+            "t_precise": _num(row.get("t_precise", math.nan), ".3f"),
             "ref": row["ref"] or "-",
             "r_t": _num(row["r_t"], ".2f"),
             "g_t": _num(row["g_t"], ".1f") + ("%" if not math.isnan(row["g_t"]) else ""),
