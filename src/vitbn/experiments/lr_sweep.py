@@ -27,8 +27,10 @@ class SweepResult:
 
 
 def plan(preset: ExperimentPreset) -> list[tuple[ModelSpec, float, int]]:
-    """The (model, lr, seed) of every run, models outermost (so one model's learning rates run together)."""
-    return [(spec, lr, seed) for spec in preset.models for lr in preset.lrs for seed in preset.seeds]
+    """The (model, lr, seed) of every run, models innermost: the models of one (seed, lr) run one after the other,
+    so a change of load on the machine during the sweep falls on every model alike rather than on the ones that
+    happen to run last."""
+    return [(spec, lr, seed) for seed in preset.seeds for lr in preset.lrs for spec in preset.models]
 
 
 def run_lr_sweep(preset: ExperimentPreset, *, progress: str = "auto") -> SweepResult:
