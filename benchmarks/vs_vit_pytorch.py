@@ -6,6 +6,10 @@ copy outside the project's environment and point the script at it:
     pip install --no-deps --target /tmp/vp vit-pytorch einops
     .venv/bin/python benchmarks/vs_vit_pytorch.py --vit-pytorch /tmp/vp --out vs_vit_pytorch.json
 
+``--markdown PAGE.md`` also writes a page: the provenance line (command, date, commit, machine, torch) and the text
+printed, with the JSON next to it (``PAGE.json``, or ``--out``); ``--render PAGE.json --markdown PAGE.md`` writes
+the page again from that JSON without timing anything (and needs no vit-pytorch).
+
 The script loads ``/tmp/vp/vit_pytorch/vit.py`` by file path (the package's ``__init__`` imports modules that
 need torchvision) with ``/tmp/vp`` on ``sys.path`` for einops. Both models get the same weights (vit-pytorch's,
 converted) and must give the same logits before anything is timed.
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,18 +46,22 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from vitbn.bench.cases import OP_CATEGORIES, batch_for, first_line, op_shares
+from vitbn.bench.report import as_saved, markdown_page, provenance_line, render_saved, save_json, write_page
 from vitbn.bench.system import environment, tune_cpu_allocator
 from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
 from vitbn.config import TrainConfig
 from vitbn.engine.device import make_amp
 from vitbn.engine.optim import build_optimizer
 from vitbn.engine.step import make_loss, train_step
+from vitbn.errors import UserError
 from vitbn.models.convert import vit_from_vit_pytorch
 
 STUDY = dict(
     image_size=28, patch_size=7, num_classes=10, dim=64, depth=6, heads=8, mlp_dim=128, channels=1, dim_head=64
 )
 REF = "vit-pytorch"
+TITLE = "vitbn vs vit-pytorch"
+PAGE_KEYS = ("meta", "rows", "profile", "provenance")  # what a page needs of the JSON
 TARGETS = {("train", "vitbn"): 1.2, ("train", "vitbn+compile"): 1.2}
 
 
@@ -229,9 +236,36 @@ def format_profile(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_text(saved: dict) -> str:
+    """Everything the script prints of a run (``{"meta", "rows", "profile"}`` as its JSON holds them): the
+    environment, the configuration, the table and, with ``--profile``, the operator-time shares."""
+    env = saved["meta"]
+    out = [
+        f"vitbn vs vit-pytorch  {env['date']}  {env['device_name']}  torch {env['torch']}  "
+        f"threads {env['threads']}  load avg {env['load_avg']}  allocator tuned: {env['allocator_tuned']}",
+        f"ViT depth {env['depth']}, dim 64, heads 8x64, mlp 128, 17 tokens; train batch {env['batch_size']}, "
+        f"infer batch {env['infer_batch_size']}; medians of {env['repeats']} interleaved rounds",
+        "",
+        format_rows(saved["rows"]),
+    ]
+    if saved["profile"]:
+        out += ["", format_profile(saved["profile"])]
+    return "\n".join(out)
+
+
+def page(saved: dict, notes: list[str] | None = None) -> str:
+    """The ``--markdown`` page: the provenance line, ``notes``, then ``format_text`` (what the terminal showed)."""
+    return markdown_page(TITLE, [provenance_line(saved), *(notes or [])], format_text(saved))
+
+
+def render(path: str, out: str, command: str | None = None) -> Path:
+    """``--render FILE.json --markdown OUT``: the page of a run saved earlier, measuring nothing."""
+    return render_saved(path, out, page, PAGE_KEYS, "benchmarks/vs_vit_pytorch.py --out or --markdown", command)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--vit-pytorch", required=True, metavar="DIR", help="folder with vit_pytorch/ and einops/")
+    p.add_argument("--vit-pytorch", metavar="DIR", help="folder with vit_pytorch/ and einops/ (not with --render)")
     p.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","), help="default fp32,bf16")
     p.add_argument("--modes", default="train,infer", type=lambda s: s.split(","), help="default train,infer")
     p.add_argument("--depth", type=int, default=6, help="blocks (the study's ViT: 6)")
@@ -245,12 +279,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-allocator", action="store_true", help="vitbn.bench.tune_cpu_allocator() first (both)")
     p.add_argument("--profile", action="store_true", help="also print where eager training steps spend time")
     p.add_argument("--profile-steps", type=int, default=5, help="profiled steps per implementation")
-    p.add_argument("--out", help="write the rows as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="write the rows as JSON (with --markdown: default its name, .json)")
+    p.add_argument("--markdown", metavar="FILE", help="also write a Markdown page: the provenance and the text printed")
+    p.add_argument("--render", metavar="FILE.json", help="time nothing: write the --markdown page again from a JSON")
+    args = p.parse_args(argv)
+    if args.markdown and Path(args.markdown).suffix == ".json":
+        p.error(f"--markdown {args.markdown} names the page (.md); its JSON goes next to it (or to --out)")
+    if args.render and (not args.markdown or args.out):
+        p.error("--render FILE.json takes --markdown OUT (the page to write) and no --out")
+    if not args.render and not args.vit_pytorch:
+        p.error("--vit-pytorch DIR is required to time (see the script's docstring)")
+    return args
 
 
 def main(argv=None) -> int:
+    from vitbn.provenance import command_line, current
+
     args = parse_args(argv)
+    command = command_line([__file__, *(sys.argv[1:] if argv is None else argv)])  # as typed, also when imported
+    if args.render:
+        try:
+            print(f"wrote {render(args.render, args.markdown, command)}")
+        except UserError as exc:
+            print(f"vs_vit_pytorch.py: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     ref_cls = load_reference(args.vit_pytorch)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,23 +322,18 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "depth": args.depth,
         "batch_size": args.batch_size,
+        "infer_batch_size": args.infer_batch_size,
         "repeats": args.repeats,
     }
-    print(
-        f"vitbn vs vit-pytorch  {env['date']}  {env['device_name']}  torch {env['torch']}  "
-        f"threads {env['threads']}  load avg {env['load_avg']}  allocator tuned: {tuned}"
-    )
-    print(
-        f"ViT depth {args.depth}, dim 64, heads 8x64, mlp 128, 17 tokens; train batch {args.batch_size}, "
-        f"infer batch {args.infer_batch_size}; medians of {args.repeats} interleaved rounds\n"
-    )
-    print(format_rows(rows))
     profile = profile_rows(cases, args.profile_steps) if args.profile else []
-    if profile:
-        print("\n" + format_profile(profile))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": env, "rows": rows, "profile": profile}, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+    # what is printed, saved and put on the page: the run as its JSON holds it, with the measurement's provenance
+    saved = as_saved({"meta": env, "rows": rows, "profile": profile, "provenance": current(command).to_dict()})
+    print(format_text(saved))
+    out = args.out or (Path(args.markdown).with_suffix(".json") if args.markdown else None)
+    if out:
+        print(f"\nwrote {save_json(saved, out)}")
+    if args.markdown:
+        print(f"wrote {write_page(page(saved), args.markdown)}")
     return 0
 
 

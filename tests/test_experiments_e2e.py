@@ -43,7 +43,7 @@ def test_lr_sweep_runs_resumes_and_reports(tmp_path, tiny_overrides):
     preset = tiny_preset(tmp_path, "tiny", models)
     result = run_lr_sweep(preset, progress="none")
     assert [r.action for r in result.results] == ["new"] * 6
-    assert [r.status for r in result.results] == ["finished", "diverged"] * 3
+    assert [r.status for r in result.results] == ["finished"] * 3 + ["diverged"] * 3  # models innermost
 
     client = mlflow_client(preset.run["track"]["tracking_uri"])
     parent = client.get_run(result.parent_id)
@@ -81,7 +81,16 @@ def test_lr_sweep_runs_resumes_and_reports(tmp_path, tiny_overrides):
     assert pngs == ["acc_vs_time_lr0.001.png", "acc_vs_time_lr1e30.png", "epochs_lr0.001.png", "epochs_lr1e30.png",
                     "time_vs_lr.png"]  # fmt: skip
     logged = {a.path for a in client.list_artifacts(result.parent_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/time_vs_lr.png"} <= logged
+    assert {"report/report.md", "report/report.html", "report/time_vs_lr.png", "report/data.json"} <= logged
+    commit = client.get_run(ok.info.run_id).data.tags["git_commit"][:7]
+    assert f"Made by `vitbn experiment lr-sweep --config {yaml_path}" in md
+    assert f"The 6 runs trained at commit {commit} on " in md
+    # Rendered again from its data.json alone, the MLflow store gone: the same tables.
+    (tmp_path / "mlruns.db").rename(tmp_path / "moved.db")
+    assert main(["report", "--from", str(tmp_path / "report" / "data.json"), "--out", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "report.md").read_text()
+    table = md[md.index("| setting |") : md.index("Accuracy and times")]
+    assert table in again and "Rendered again from data.json by `vitbn report --from" in again
 
 
 def test_tuning_interrupted_then_resumed(tmp_path, tiny_overrides):
@@ -115,6 +124,9 @@ def test_tuning_interrupted_then_resumed(tmp_path, tiny_overrides):
 
     report = build_report("tiny-tune", tmp_path / "report", tracking_uri=preset.run["track"]["tracking_uri"])
     md = report.markdown.read_text()
-    assert "## Tuning" in md and "| vitbn-d1 | 3 | 0 |" in md
+    chosen = f"| vitbn-d1 | 3 | 0 | {best_trial} | {best_params['lr']:.3g} | {best_params['batch_size']} | "
+    assert "## Tuning" in md and chosen + f"{best_acc * 100:.2f}% |" in md  # the model's pick, from the parent's tag
+    objective = {i: client.get_metric_history(r.info.run_id, "hpo/objective")[-1].value for i, r in trial_runs.items()}
+    assert objective == {i: r.data.metrics["val/acc"] for i, r in trial_runs.items()}  # 1 epoch: its val acc
     assert sorted(p.name for p in report.figures) == ["acc_vs_time_tuned2epochs.png", "epochs_tuned2epochs.png",
-                                                      "tuning.png"]  # fmt: skip
+                                                      "tuning.png", "tuning_lr_batch.png"]  # fmt: skip

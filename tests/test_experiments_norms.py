@@ -82,7 +82,7 @@ def test_norms_run_and_report(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert "4 trained, 0 resumed, 0 already done" in capsys.readouterr().out
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "Made by `vitbn experiment norms` (preset 'norms" in report and "the training runs at commit " in report
+    assert "Made by `vitbn experiment norms" in report and "runs trained at commit " in report
     rows = {line.split(" | ")[0].lstrip("| "): line.strip("|").split(" | ")
             for line in report.split("Every learning rate:")[0].splitlines()
             if line.startswith(("| LayerNorm", "| PRepBN"))}  # fmt: skip

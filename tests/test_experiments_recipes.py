@@ -45,7 +45,7 @@ def test_recipes_run_and_report(tmp_path, monkeypatch, capsys):
     assert params["vit-par3x2"]["model.parallel"] == "2" and params["vitbn-hmlp4"]["model.stem"] == "hmlp"
 
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "Made by `vitbn experiment recipes` (preset 'recipes" in report and "the training runs at commit " in report
+    assert "Made by `vitbn experiment recipes" in report and "runs trained at commit " in report
     rows = [line for line in report.splitlines() if line.startswith("| Vi")]
     assert [r.split(" | ")[1] for r in rows] == ["sequential", "parallel 3x2", "hMLP stem"]
     seq, par, hmlp = (r.strip("|").split(" | ") for r in rows)

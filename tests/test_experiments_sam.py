@@ -58,7 +58,7 @@ def test_sam_run_analyses_each_model_and_reports_it(tmp_path, monkeypatch, capsy
     assert rho == {"vit-adam": "None", "vit-sam": "0.05", "vitbn-sam": "0.05"}
 
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "Made by `vitbn experiment sam` (preset 'sam" in report and "--images 64 --max-iter 4" in report
+    assert "Made by `vitbn experiment sam" in report and "--images 64 --max-iter 4" in report
     assert "after the last epoch (one seed)" in report
     cells = _cells(report)
     assert set(cells) == {"ViT (LN) Adam", "ViT (LN) Adam + SAM ρ=0.05", "ViTBN Adam + SAM ρ=0.05"}

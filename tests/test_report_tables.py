@@ -96,7 +96,9 @@ def test_summary_table_against_hand_computation():
     assert bn["flops_ratio"] == pytest.approx(6.0)
     assert vit["r_t"] == pytest.approx(1.0) and vit["g_t"] == pytest.approx(0.0)
     assert vit["acc_mean"] == pytest.approx((0.985 + 0.971) / 2)
-    assert vit["acc_std"] == pytest.approx(0.007)
+    assert vit["acc_std"] == pytest.approx(0.014 / math.sqrt(2))  # sample std (ddof 1) of 0.985 and 0.971
+    half = 12.7062047361747 * 0.007  # Student t(0.975, 1 dof) x std / sqrt(2)
+    assert (vit["acc_lo"], vit["acc_hi"]) == pytest.approx((0.978 - half, 0.978 + half))
     assert (vit["acc_min"], vit["acc_max"]) == (0.971, 0.985)
     assert vit["t97"] == pytest.approx(((9 + 2 + 2) + (9 + 2.2 + 2 + 2.2)) / 2) and vit["t97_n"] == 2
     assert vit["t98"] == pytest.approx(9 + 2 + 2 + 2.2) and vit["t98_n"] == 1
@@ -108,7 +110,7 @@ def test_formatted_cells_say_not_reached_and_partial_seeds():
     cells = {row[1]: row for row in format_cells(table)}
     assert cells["ViT"][-2:] == ["14.2 s", "15.2 s (1/2 runs)"]
     assert cells["ViTBN"][-2:] == ["not reached", "not reached"]
-    assert cells["ViT"][3:7] == ["2", "0", "-", "97.80% ± 0.70 [97.10-98.50]"]
+    assert cells["ViT"][3:7] == ["2", "0", "-", "97.80% ± 0.99 (95% CI 88.91-100.00)"]
     assert cells["ViTBN"][13:18] == ["3.50", "71.4%", "4.00", "75.0%", "6.00"]
     assert cells["ViT"][11] == "-"  # no PreciseBN
 
@@ -192,11 +194,14 @@ def test_report_files(tmp_path):
         "epochs_lr0.001.png",
         "time_vs_lr.png",
         "tuning.png",
+        "tuning_lr_batch.png",
     ]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
     assert md.read_text() == md_text
-    assert page.read_text().count('src="data:image/png;base64,iVBORw0KGgo') == 4
-    assert "| vit-d6 | 3 | 1 | 95.00% | 0.0003 | 90 | 2 |" in md_text  # best trial of the tuning
+    assert page.read_text().count('src="data:image/png;base64,iVBORw0KGgo') == 5
+    # no prediction recorded (no vitbn.best tag): the best observed trial, said so
+    assert "| vit-d6 | 3 | 1 | 2 | 0.0003 | 90 | - | 95.00% | 95.00% |" in md_text
+    assert "For vit-d6 no prediction was recorded" in md_text
 
 
 def test_plots_draw_one_line_per_label():

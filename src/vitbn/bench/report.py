@@ -1,9 +1,11 @@
-"""The benchmark's table (plain text, one row per configuration), its comparisons, and the JSON file."""
+"""The benchmark's table (plain text, one row per configuration), its comparisons, the JSON file, and the Markdown
+page: the provenance line and the very text the terminal shows, so that a page can be rendered again from its JSON."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from vitbn.errors import UserError
@@ -74,7 +76,8 @@ def format_comparisons(comparisons: list[dict]) -> str:
 
 
 def format_report(result: dict) -> str:
-    """Everything ``vitbn bench`` prints: environment, peaks, the table, the comparisons, the loader."""
+    """Everything ``vitbn bench`` prints: environment, peaks, the table, the comparisons, the recipe, norm and export
+    sections, the loader (the terminal and the ``--markdown`` page show this same text)."""
     meta = result["meta"]
     out = [
         f"vitbn bench  {meta['date']}  {meta['device_name']}  torch {meta['torch']}  threads {meta['threads']}",
@@ -101,6 +104,10 @@ def format_report(result: dict) -> str:
     if loader:
         detail = f"{loader['epoch_s']:.3f} s per epoch of {loader['images']} images" if loader["epoch_s"] else ""
         out += ["", f"loader (InMemoryLoader, MNIST train, shuffled): {detail or loader['status']}"]
+    if result.get("export"):
+        from vitbn.bench.export import format_export
+
+        out += ["", format_export(result["export"])]
     return "\n".join(out)
 
 
@@ -123,8 +130,15 @@ def save_json(result: dict, path: str | Path) -> Path:
     return path
 
 
-def load_json(path: str | Path) -> dict:
-    """Reads a result written by ``save_json``, with a one-line error for a missing or malformed file."""
+def as_saved(result: dict) -> dict:
+    """The result as its JSON file holds it (NaN as None, tuples as lists): what the terminal, the page and a page
+    rendered again from the file all format, so that the three show the same text."""
+    return json.loads(json.dumps(_json_safe(result), allow_nan=False))
+
+
+def read_saved(path: str | Path, required: tuple[str, ...], writer: str) -> dict:
+    """Reads a JSON object, with a one-line error naming the file when it is missing, malformed or lacks one of
+    the ``required`` keys (``writer``: what writes such a file, for the message)."""
     path = Path(path)
     try:
         result = json.loads(path.read_text())
@@ -132,6 +146,81 @@ def load_json(path: str | Path) -> dict:
         raise UserError(f"benchmark file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"benchmark file {path} is not valid JSON: {exc}") from None
-    if not isinstance(result, dict) or "rows" not in result:
-        raise UserError(f"benchmark file {path} has no 'rows': not written by vitbn bench")
+    missing = [key for key in required if not isinstance(result, dict) or key not in result]
+    if missing:
+        raise UserError(f"benchmark file {path} has no {', '.join(map(repr, missing))}: not written by {writer}")
     return result
+
+
+def load_json(path: str | Path) -> dict:
+    """Reads a result written by ``save_json``, with a one-line error for a missing or malformed file."""
+    return read_saved(path, ("rows",), "vitbn bench")
+
+
+def markdown_page(title: str, notes: list[str], text: str) -> str:
+    """A benchmark's page: the title, the lines saying what made it (one paragraph each), then ``text`` as the
+    terminal shows it, in a ``text`` block."""
+    return "\n\n".join([f"# {title}", *notes, f"```text\n{text}\n```"]) + "\n"
+
+
+def write_page(page: str, path: str | Path) -> Path:
+    """Writes a page (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+def rendered_again(path: str | Path, command: str | None = None) -> str:
+    """The extra line of a page rendered again from a JSON file: from which file, by which command, at which commit
+    (the page's provenance line stays the measurement's)."""
+    from vitbn.provenance import command_line, source_commit
+
+    commit, dirty = source_commit()
+    changes = " with uncommitted changes" if dirty else ""
+    return f"Rendered again from {Path(path).name} by `{command or command_line()}` at commit {commit[:7]}{changes}."
+
+
+def provenance_line(result: dict) -> str:
+    """The ``Provenance.line()`` of a result that carries its ``provenance`` record."""
+    from vitbn.provenance import Provenance
+
+    return Provenance.from_dict(result["provenance"]).line()
+
+
+def render_saved(
+    path: str | Path,
+    out: str | Path,
+    page: Callable[[dict, list[str]], str],
+    keys: tuple[str, ...],
+    writer: str,
+    command: str | None = None,
+) -> Path:
+    """Writes ``page(result, [line])`` of the result saved in ``path`` to ``out``, measuring nothing: ``line`` says
+    that it was rendered again, and by what. A file without the ``keys`` a page needs, or with a field missing or of
+    the wrong kind, is a one-line error naming the file."""
+    result = read_saved(path, keys, writer)
+    try:
+        text = page(result, [rendered_again(path, command)])
+    except UserError as exc:
+        raise UserError(f"benchmark file {path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise UserError(f"benchmark file {path} lacks what the page shows ({type(exc).__name__}: {exc})") from None
+    return write_page(text, out)
+
+
+# What a page needs of a result: ``format_report``'s sections and the provenance the CLI adds.
+PAGE_KEYS = ("rows", "meta", "peaks", "comparisons", "provenance")
+PAGE_TITLE = "vitbn bench"
+
+
+def bench_page(result: dict, notes: list[str] | None = None) -> str:
+    """The ``--markdown`` page of a result that carries its ``provenance``: the provenance line, ``notes``, then
+    ``format_report``'s text (what the terminal showed)."""
+    return markdown_page(PAGE_TITLE, [provenance_line(result), *(notes or [])], format_report(result))
+
+
+def render_page(path: str | Path, out: str | Path, command: str | None = None) -> Path:
+    """``vitbn bench --render FILE.json --markdown OUT``: the page of a result saved earlier, with the measurement's
+    provenance line and one saying that it was rendered again."""
+    return render_saved(path, out, bench_page, PAGE_KEYS, "vitbn bench --out or --markdown", command)

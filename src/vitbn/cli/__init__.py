@@ -32,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from vitbn.errors import UserError
+    from vitbn.provenance import invoked_as
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    invoked_as(sys.argv[1:] if argv is None else argv)  # the command a page written by this call names
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,9 +1,13 @@
-"""``vitbn bench``: throughput, FLOPs, utilization of the matrix-product peak, memory, norm and loader shares."""
+"""``vitbn bench``: throughput, FLOPs, utilization of the matrix-product peak, memory, norm and loader shares.
+
+``--markdown PAGE.md`` also writes a page (its provenance line, then the text printed) and its JSON (``PAGE.json``
+or ``--out``); ``--render PAGE.json --markdown PAGE.md`` writes that page again from the JSON, measuring nothing."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitbn.cli.args import add_set_argument
@@ -88,7 +92,17 @@ def register(subparsers) -> None:
                    help="skip the export section (onnxruntime vs eager and folded torch, CPU fp32)")  # fmt: skip
     add_set_argument(p, help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)")
     add_flags(p.add_argument_group("model knobs for every model (as --set)"), BENCH_MODEL_FLAGS)
-    p.add_argument("--out", help="write the result as JSON to this file")
+    p.add_argument("--out", help="write the result as JSON to this file (with --markdown: default its name, .json)")
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="also write a Markdown page: the provenance (command, date, commit, machine, torch) and the text printed",
+    )
+    p.add_argument(
+        "--render",
+        metavar="FILE.json",
+        help="measure nothing: write the --markdown page again from a JSON written by --out or --markdown",
+    )
     p.set_defaults(func=run)
 
 
@@ -134,14 +148,27 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def run(args: argparse.Namespace) -> int:
     from vitbn.bench import format_report, run_bench, save_json
+    from vitbn.bench.report import as_saved, bench_page, render_page, write_page
+    from vitbn.errors import UserError
+    from vitbn.provenance import current
 
+    if args.markdown and Path(args.markdown).suffix == ".json":
+        raise UserError(f"--markdown {args.markdown} names the page (.md); its JSON goes next to it (or to --out)")
+    if args.render:
+        if not args.markdown:
+            raise UserError(f"--render {args.render} needs --markdown OUT: the page to write")
+        if args.out:
+            raise UserError("--render measures nothing: --out (the JSON of a measurement) does not go with it")
+        print(f"wrote {render_page(args.render, args.markdown)}")
+        return 0
     options = options_from_args(args)
     result = run_bench(options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    # what is printed, saved and put on the page: the result as its JSON holds it, with the measurement's provenance
+    result = as_saved({**result, "provenance": current(device=result["meta"]["device"]).to_dict()})
     print(format_report(result))
-    if result.get("export"):
-        from vitbn.bench.export import format_export
-
-        print(f"\n{format_export(result['export'])}")
-    if args.out:
-        print(f"\nwrote {save_json(result, args.out)}")
+    out = args.out or (Path(args.markdown).with_suffix(".json") if args.markdown else None)
+    if out:
+        print(f"\nwrote {save_json(result, out)}")
+    if args.markdown:
+        print(f"wrote {write_page(bench_page(result), args.markdown)}")
     return 0

@@ -186,6 +186,8 @@ def _trial_evaluator(exp: Experiment, spec: ModelSpec, hpo: HPOConfig) -> Callab
         )
         result = exp.run_child(config, tags)
         acc = last_epochs_mean(exp, result, hpo.objective_epochs)
+        if result.run_id is not None and not math.isnan(acc):
+            exp.client.log_metric(result.run_id, "hpo/objective", acc)  # what Ax was told, for the report
         log.info(
             "%s trial %d lr=%.3g batch=%d: %s val_acc=%.4f",
             spec.label,
@@ -264,7 +266,7 @@ def run_tuning(
             exp.client.set_tag(
                 exp.parent_id,
                 f"vitbn.best.{spec.label}",
-                f"lr={params['lr']:.4g} batch_size={params['batch_size']} val_acc={acc:.4f} trial={index}",
+                f"lr={params['lr']:.6g} batch_size={params['batch_size']} val_acc={acc:.6f} trial={index}",
             )
         if final:
             finals = [

@@ -181,7 +181,7 @@ def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | Non
     figure = _figure(table, by_lr, out / "norms.png")
     lr_header, lr_cells = _lr_cells(by_lr)
     body = [
-        provenance(client, runs.runs["run_id"], parent.info.run_name, "norms", "the throughput columns"), "",
+        provenance(runs.runs, "the throughput columns"), "",
         markdown_table(HEADER, _cells(table)), "",
         "selected lr: the lr with the best mean validation accuracy over the seeds (a failed seed counts 0); val / "
         "test acc: after the last epoch at that lr, mean (± sample std) over the seeds that trained; diverged: "

@@ -9,14 +9,14 @@ rounds on this machine).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from vitbn.experiments.runs import mlflow_client, resolve_parent
+from vitbn.provenance import current
+from vitbn.report.build import runs_sentence
 from vitbn.report.runs import load_run_set, model_config_from_params
 from vitbn.report.tables import markdown_table, per_epoch_median
 
@@ -102,21 +102,11 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame, path
     return path
 
 
-def provenance(
-    client, run_ids, preset: str, command: str = "recipes", measured: str = "the latency column",
-    when: str = "measured when this report was built",
-) -> str:  # fmt: skip
-    """Which command, commit and machine made the runs (from their tags) and ``measured`` (``when``)."""
-    from vitbn.bench.system import device_name
-
-    tags = [client.get_run(run_id).data.tags for run_id in run_ids]
-    commits = sorted({t.get("git_commit", "unknown")[:7] for t in tags})
-    threads = sorted({t.get("threads", "?") for t in tags})
-    return (
-        f"Made by `vitbn experiment {command}` (preset {preset.split(' ')[0]!r}); the training runs at commit "
-        f"{', '.join(commits)} on {device_name(torch.device('cpu'))} ({os.cpu_count()} cores, {', '.join(threads)} "
-        f"threads, torch {torch.__version__}); {measured} {when}, on the same machine."
-    )
+def provenance(runs: pd.DataFrame, measured: str = "the latency column", when: str = "measured when this report was "
+               "built") -> str:  # fmt: skip
+    """What made the page (``vitbn.provenance``), where the runs trained (their tags) and that ``measured``
+    (``when``) comes from the page's machine."""
+    return f"{current().line()} {runs_sentence(runs)} The rest, {measured}: {when}, on the page's machine."
 
 
 def load_experiment(key: str, tracking_uri: str | None = None):
@@ -151,7 +141,7 @@ def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | N
     out.mkdir(parents=True, exist_ok=True)
     figure = _figure(table, runs.history, runs.runs, out / "recipes.png")
     body = [
-        provenance(client, runs.runs["run_id"], parent.info.run_name), "",
+        provenance(runs.runs), "",
         markdown_table(HEADER, _cells(table, configs)), "",
         "final/best acc: test accuracy after the last epoch / best over epochs (mean over seeds); T: median seconds "
         "per epoch (epoch 1 excluded when there are more than 2); latency: one eval-mode forward pass of a single "

@@ -179,7 +179,7 @@ def build_sam_report(
               f"{o.block_max_iter or o.max_iter} --tol {o.tol:g} --landscape-points {o.landscape_points}, BN "
               f"{o.bn_mode} mode")  # fmt: skip
     body = [
-        provenance(client, runs.runs["run_id"], parent.info.run_name, "sam", f"the analysis columns ({budget})",
+        provenance(runs.runs, f"the analysis columns ({budget})",
                    "computed by the first report that needed them (later reports read them back from analysis/)"),
         "",
         markdown_table(HEADER, _cells(table)), "",

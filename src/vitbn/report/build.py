@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 
 from vitbn.errors import UserError
 from vitbn.experiments.runs import mlflow_client, resolve_parent
+from vitbn.provenance import Provenance, current
 from vitbn.report import plots
 from vitbn.report.runs import RunSet, load_run_set
 from vitbn.report.tables import (
@@ -20,9 +22,13 @@ from vitbn.report.tables import (
     comparison_sentences,
     format_cells,
     markdown_table,
+    selection_cells,
+    selection_table,
     summary_table,
     usable_epoch_seconds,
 )
+
+DATA_FILE = "data.json"  # next to report.md: what it was rendered from (``render_saved`` renders it again)
 
 # A report is a list of blocks, rendered twice: ("h2", text) | ("p", text) | ("ul", [items]) |
 # ("table", header, cells) | ("img", file name, png bytes, caption).
@@ -109,38 +115,92 @@ def _lr_figure(table: pd.DataFrame, runs: RunSet) -> list[Block]:
     return [("img", "time_vs_lr.png", plots.to_png(fig), "Train seconds per epoch against the learning rate")]
 
 
-def _tuning_blocks(trials: pd.DataFrame) -> list[Block]:
+def _tuning_blocks(trials: pd.DataFrame, best: dict[str, dict]) -> list[Block]:
+    """The chosen parameters per model (the BoTorch model's predicted best among the evaluated arms, from the
+    parent's tags; the raw best observed trial for a parent tuned before those tags, said so), best-so-far and the
+    lr x batch scatter."""
     if trials.empty:
         return []
-    cells = []
+    cells, raw = [], []
     for label, part in trials.groupby("label", sort=False):
         done = part.dropna(subset=["acc"])
-        best = done.loc[done["acc"].idxmax()] if len(done) else None
+        chosen = best.get(label)
+        if chosen is None and len(done):
+            top = done.loc[done["acc"].idxmax()]
+            chosen = {"lr": top["lr"], "batch_size": top["batch_size"], "val_acc": top["acc"], "trial": top["trial"]}
+            raw.append(label)
+        observed = done[done["trial"] == chosen["trial"]]["acc"] if chosen else pd.Series(dtype=float)
         cells.append(
             [
                 label,
                 str(len(part)),
                 str(int((part["status"] == "diverged").sum())),
-                "-" if best is None else f"{best['acc'] * 100:.2f}%",
-                "-" if best is None else f"{best['lr']:.3g}",
-                "-" if best is None else str(int(best["batch_size"])),
-                "-" if best is None else str(int(best["trial"])),
+                "-" if chosen is None else str(int(chosen["trial"])),
+                "-" if chosen is None else f"{chosen['lr']:.3g}",
+                "-" if chosen is None else str(int(chosen["batch_size"])),
+                "-" if chosen is None or label in raw else f"{chosen['val_acc'] * 100:.2f}%",
+                "-" if observed.empty else f"{observed.iloc[0] * 100:.2f}%",
+                "-" if done.empty else f"{done['acc'].max() * 100:.2f}%",
             ]
         )
-    header = ["model", "trials", "diverged", "best val acc", "lr", "batch size", "trial"]
-    fig = plots.best_so_far(trials)
+    header = ["model", "trials", "diverged", "chosen trial", "lr", "batch size", "predicted val acc",
+              "observed val acc", "best observed"]  # fmt: skip
+    text = (
+        "Validation accuracy: the tuning objective, the mean of the last epochs of a trial. The chosen trial is "
+        "the evaluated one the BoTorch model predicts best (its prediction and the observed value side by side)."
+    )
+    if raw:
+        text += f" For {', '.join(raw)} no prediction was recorded: the chosen trial is the best observed one."
     return [
         ("h2", "Tuning"),
         ("table", header, cells),
-        ("img", "tuning.png", plots.to_png(fig), "Best validation accuracy so far against the trial"),
-    ]
+        ("p", text),
+        ("img", "tuning.png", plots.to_png(plots.best_so_far(trials)),
+         "Best validation accuracy so far against the trial"),
+        ("img", "tuning_lr_batch.png", plots.to_png(plots.trials_scatter(trials, best)),
+         "Every trial at its learning rate and batch size, colored by validation accuracy; the chosen one ringed"),
+    ]  # fmt: skip
 
 
-def report_blocks(parent_name: str, description: str, runs: RunSet) -> tuple[list[Block], pd.DataFrame]:
-    """The report's content; pure given the run set (tests build it from synthetic runs)."""
+def _selection_blocks(runs: RunSet) -> list[Block]:
+    table = selection_table(runs.runs)
+    if table.empty:
+        return []
+    header, cells = selection_cells(table)
+    text = (
+        "Per model, the learning rate with the highest mean final validation accuracy over its finished seeds, "
+        "and the test accuracy of the runs at that rate: mean ± sample std and the Student-t 95% interval of the "
+        "mean over seeds (wide with few seeds). The test set plays no part in the choice."
+    )
+    return [("h2", "Learning rate chosen on validation"), ("table", header, cells), ("p", text)]
+
+
+def runs_sentence(runs: pd.DataFrame) -> str:
+    """Where the compared runs ran, from their tags: commit(s), machine(s), threads, torch."""
+    if runs.empty or "commit" not in runs:
+        return ""
+
+    def values(column: str) -> str:
+        return ", ".join(sorted({str(v) for v in runs[column]}))
+
+    return (
+        f"The {len(runs)} runs trained at commit {values('commit')} on {values('machine')} "
+        f"({values('threads')} threads, torch {values('torch')})."
+    )
+
+
+def report_blocks(
+    parent_name: str, description: str, runs: RunSet, provenance: list[str] | None = None
+) -> tuple[list[Block], pd.DataFrame]:
+    """The report's content; pure given the run set (tests build it from synthetic runs). ``provenance``: lines
+    saying what wrote the page (``Provenance.line()``), put under the title with where the runs ran."""
     blocks: list[Block] = [("h1", f"vitbn report: {parent_name}")]
     if description:
         blocks.append(("p", description))
+    where = " ".join([*(provenance or []), runs_sentence(runs.runs)]).strip()
+    if where:
+        blocks.append(("p", where))
+    head = len(blocks)
     table = pd.DataFrame()
     if not runs.runs.empty:
         table = summary_table(runs.runs, runs.history)
@@ -148,6 +208,7 @@ def report_blocks(parent_name: str, description: str, runs: RunSet) -> tuple[lis
             ("h2", "Comparison"),
             ("table", [name for _, name in COLUMNS], format_cells(table)),
             ("p", _timing_note(runs)),
+            *_selection_blocks(runs),
         ]
         sentences = comparison_sentences(table)
         if sentences:
@@ -155,8 +216,8 @@ def report_blocks(parent_name: str, description: str, runs: RunSet) -> tuple[lis
         if runs.notes:
             blocks.append(("ul", runs.notes))
         blocks += [("h2", "Figures"), *_epoch_figures(runs), *_lr_figure(table, runs)]
-    blocks += _tuning_blocks(runs.trials)
-    if len(blocks) == 1 + bool(description):
+    blocks += _tuning_blocks(runs.trials, runs.best)
+    if len(blocks) == head:
         blocks.append(("p", "No finished runs yet."))
     return blocks, table
 
@@ -230,6 +291,7 @@ def build_report(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     log_artifacts: bool = True,
+    command: str | None = None,
 ) -> Report:
     """Builds the report of an experiment from MLflow.
 
@@ -239,16 +301,50 @@ def build_report(
         tracking_uri: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db).
         experiment: restrict the name lookup to this MLflow experiment.
         log_artifacts: also log the files as artifacts (``report/``) of the parent run.
+        command: the command named on the page as its maker (default: this process's command line).
+
+    Besides the page it writes ``data.json``: the run set it shows and the provenance, from which
+    ``render_saved`` (``vitbn report --from``) renders the same page without the MLflow store.
     """
     client = mlflow_client(tracking_uri)
     parent = resolve_parent(client, key, experiment)
     if parent.data.tags.get("vitbn.role") != "parent":
         raise UserError(f"run {key} is not an experiment's parent run (made by `vitbn experiment`)")
     runs = load_run_set(client, parent)
-    name = parent.info.run_name or parent.info.run_id
-    blocks, table = report_blocks(name, parent.data.tags.get("vitbn.description", ""), runs)
-    md, page, figures = write_report(blocks, out_dir, f"vitbn report: {name}")
+    saved = {
+        "parent": parent.info.run_name or parent.info.run_id,
+        "parent_id": parent.info.run_id,
+        "description": parent.data.tags.get("vitbn.description", ""),
+        "provenance": current(command).to_dict(),
+        "runs": runs.to_dict(),
+    }
+    report = _render(saved, runs, out_dir, [])
     if log_artifacts:
-        for path in (md, page, *figures):
+        for path in (report.markdown, report.html, *report.figures, report.out_dir / DATA_FILE):
             client.log_artifact(parent.info.run_id, str(path), "report")
-    return Report(Path(out_dir), md, page, figures, parent.info.run_id, table)
+    return report
+
+
+def _render(saved: dict, runs: RunSet, out_dir: str | Path, extra: list[str]) -> Report:
+    lines = [Provenance.from_dict(saved["provenance"]).line(), *extra]
+    blocks, table = report_blocks(saved["parent"], saved["description"], runs, lines)
+    md, page, figures = write_report(blocks, out_dir, f"vitbn report: {saved['parent']}")
+    (Path(out_dir) / DATA_FILE).write_text(json.dumps(saved, indent=1, allow_nan=False) + "\n")
+    return Report(Path(out_dir), md, page, figures, saved["parent_id"], table)
+
+
+def render_saved(path: str | Path, out_dir: str | Path, command: str | None = None) -> Report:
+    """Renders a report again from the ``data.json`` a report wrote (no MLflow store needed): the same tables and
+    figures, with the original provenance line and one saying when and by what it was rendered again."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+        runs = RunSet.from_dict(saved["runs"])
+        name = saved["parent"]
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (a report's {DATA_FILE})") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a report's {DATA_FILE} ({type(exc).__name__}: {exc})") from None
+    now = current(command)
+    again = f"Rendered again from {path.name} by `{now.command}` at commit {now.commit[:7]}."
+    return _render({**saved, "parent": name}, runs, out_dir, [again])

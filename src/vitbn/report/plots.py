@@ -121,6 +121,40 @@ def best_so_far(trials: pd.DataFrame) -> Figure:
     return fig
 
 
+def trials_scatter(trials: pd.DataFrame, best: dict[str, dict]) -> Figure:
+    """Tuning: every trial at (learning rate, batch size) colored by its validation accuracy, one panel per label;
+    failed (diverged) trials as grey crosses, the chosen parameters (``best[label]``) ringed in red.
+
+    Args:
+        trials: one row per trial with ``label``, ``lr``, ``batch_size``, ``acc`` (NaN for a failed trial).
+        best: label -> ``{"lr", "batch_size", ...}``, the chosen point (labels without one are left unmarked).
+    """
+    labels = _labels_in_order(trials)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels) + 1, 3.8), constrained_layout=True,
+                             squeeze=False)  # fmt: skip
+    done = trials["acc"].dropna()
+    vmin, vmax = (done.min(), done.max()) if len(done) else (0.0, 1.0)
+    points = None
+    for ax, label in zip(axes[0], labels):
+        part = trials[trials["label"] == label]
+        ok, failed = part[part["acc"].notna()], part[part["acc"].isna()]
+        points = ax.scatter(ok["lr"], ok["batch_size"], c=ok["acc"], cmap="viridis", vmin=vmin, vmax=vmax, s=36)
+        ax.scatter(failed["lr"], failed["batch_size"], marker="x", color="0.5", s=36, label="failed")
+        if label in best:
+            ax.scatter([best[label]["lr"]], [best[label]["batch_size"]], s=180, facecolors="none",
+                       edgecolors="red", linewidths=2, label="chosen")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("batch size")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if len(failed) or label in best:
+            ax.legend(fontsize=8)
+    if points is not None:
+        fig.colorbar(points, ax=axes[0].tolist(), label="validation accuracy")
+    return fig
+
+
 def to_png(fig: Figure, dpi: int = 110) -> bytes:
     """The figure as PNG bytes; the figure is closed (figures are not kept alive by pyplot)."""
     buffer = io.BytesIO()

@@ -36,6 +36,40 @@ class RunSet:
     trials: pd.DataFrame
     per_epoch_test: bool = True  # False: per-epoch curves use the validation split (test set only at the end)
     notes: list[str] = field(default_factory=list)
+    best: dict[str, dict] = field(default_factory=dict)  # tuning: label -> the chosen {lr, batch_size, val_acc, trial}
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (NaN -> None), read back by ``from_dict``."""
+
+        def records(frame: pd.DataFrame) -> dict:
+            clean = frame.astype(object).where(frame.notna(), None)
+            return {"columns": list(frame.columns), "rows": clean.values.tolist()}
+
+        return {
+            "runs": records(self.runs),
+            "history": records(self.history),
+            "trials": records(self.trials),
+            "per_epoch_test": self.per_epoch_test,
+            "notes": list(self.notes),
+            "best": self.best,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSet:
+        def frame(part: dict) -> pd.DataFrame:
+            out = pd.DataFrame(part["rows"], columns=part["columns"]).infer_objects()
+            for column in out.columns[out.isna().all()]:
+                out[column] = math.nan  # all None (e.g. PreciseBN seconds of runs without it): a float column
+            return out
+
+        return cls(
+            frame(data["runs"]),
+            frame(data["history"]),
+            frame(data["trials"]),
+            per_epoch_test=bool(data["per_epoch_test"]),
+            notes=list(data.get("notes", [])),
+            best=dict(data.get("best", {})),
+        )
 
 
 def _param(text: str):
@@ -105,9 +139,14 @@ def _row(run) -> dict:
         "mlflow_status": run.info.status,
         "final_acc": final,
         "val_acc": metrics.get("val/acc", math.nan),
+        "objective": metrics.get("hpo/objective", metrics.get("val/acc", math.nan)),
         "params": n_params,
         "flops": flops,
         "test_every_epoch": params.get("data.test_every_epoch", "True") == "True",
+        "commit": tags.get("git_commit", "unknown")[:7],
+        "machine": tags.get("machine", f"host {tags.get('hostname', 'unknown')}"),
+        "threads": tags.get("threads", "?"),
+        "torch": tags.get("version.torch", "?"),
     }
 
 
@@ -117,7 +156,7 @@ def _trials(rows: list[dict]) -> pd.DataFrame:
             {
                 "label": r["label"],
                 "trial": r["trial"],
-                "acc": r["val_acc"],
+                "acc": r["objective"],
                 "lr": r["lr"],
                 "batch_size": r["batch_size"],
                 "status": r["status"],
@@ -130,6 +169,22 @@ def _trials(rows: list[dict]) -> pd.DataFrame:
     return trials.sort_values(["label", "trial"]).reset_index(drop=True)
 
 
+def best_from_tags(tags: dict[str, str]) -> dict[str, dict]:
+    """The tuning's chosen parameters per label from the parent's ``vitbn.best.<label>`` tags
+    ("lr=0.0012 batch_size=64 val_acc=0.9812 trial=7")."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith("vitbn.best."):
+            fields = dict(part.split("=", 1) for part in value.split())
+            out[key[len("vitbn.best.") :]] = {
+                "lr": float(fields["lr"]),
+                "batch_size": int(fields["batch_size"]),
+                "val_acc": float(fields["val_acc"]),
+                "trial": int(fields["trial"]),
+            }
+    return out
+
+
 def load_run_set(client, parent) -> RunSet:
     """Reads the children of ``parent`` (an MLflow Run) and their metric histories."""
     children = child_runs(client, parent.info.run_id, parent.info.experiment_id)
@@ -140,8 +195,9 @@ def load_run_set(client, parent) -> RunSet:
     if unfinished:
         notes.append(f"{len(unfinished)} run(s) were interrupted and are shown as far as they got: {unfinished}")
     runs = pd.DataFrame(compared)
+    best = best_from_tags(parent.data.tags)
     if runs.empty:
-        return RunSet(runs, pd.DataFrame(), _trials(rows), notes=notes)
+        return RunSet(runs, pd.DataFrame(), _trials(rows), notes=notes, best=best)
     runs["setting"] = [
         f"lr={lr:g}" if phase == "sweep" else f"tuned, {epochs} epochs"
         for lr, phase, epochs in zip(runs["lr"], runs["phase"], runs["epochs"])
@@ -155,4 +211,4 @@ def load_run_set(client, parent) -> RunSet:
             "The test set was evaluated once, at the end: per-epoch accuracy and evaluation time are the "
             "validation split's; final accuracy is the test set's."
         )
-    return RunSet(runs, history, _trials(rows), per_epoch_test=per_epoch_test, notes=notes)
+    return RunSet(runs, history, _trials(rows), per_epoch_test=per_epoch_test, notes=notes, best=best)

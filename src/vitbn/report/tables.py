@@ -66,20 +66,39 @@ def _time_cols() -> list[str]:
     return [f"t{round(thr * 100)}" for thr in THRESHOLDS]
 
 
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, sample std (ddof 1), low, high) of ``values`` (NaNs dropped), with the Student-t interval of the mean
+    mean ± t(1 - (1 - confidence) / 2, n - 1) · std / sqrt(n). NaN where undefined (std and interval need n >= 2)."""
+    from scipy import stats
+
+    x = np.asarray(pd.Series(values, dtype="float64").dropna())
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1)) * std / math.sqrt(len(x))
+    return mean, std, mean - half, mean + half
+
+
 def _aggregate(group: pd.DataFrame) -> dict:
     """Accuracy and times of the group's finished runs (a diverged, failed or killed run is counted in its own
     columns, not averaged in); ``seeds`` is the number of distinct seeds among them."""
     status = group["status"] if "status" in group else pd.Series("finished", index=group.index)
     done = group[status == "finished"]
     acc = done["final_acc"].dropna()
+    acc_mean, acc_std, acc_lo, acc_hi = mean_interval(acc)
     out = {
         "seeds": int(done["seed"].nunique()) if "seed" in done else len(done),
         "runs": len(done),
         "diverged": int((status == "diverged").sum()),
         "unfinished": int((~status.isin(["finished", "diverged"])).sum()),
         "batch": ",".join(str(b) for b in sorted(set(group["batch_size"]))) if "batch_size" in group else "",
-        "acc_mean": acc.mean(),
-        "acc_std": acc.std(ddof=0) if len(acc) else math.nan,
+        "acc_mean": acc_mean,
+        "acc_std": acc_std,
+        "acc_lo": acc_lo,
+        "acc_hi": acc_hi,
         "acc_min": acc.min(),
         "acc_max": acc.max(),
         "params": group["params"].iloc[0],
@@ -243,13 +262,22 @@ def _reach(row: dict, col: str) -> str:
     return f"{row[col]:.1f} s" + ("" if n == runs else f" ({n}/{runs} runs)")
 
 
+def format_acc(mean: float, std: float, lo: float, hi: float, n: int) -> str:
+    """``"97.80% ± 0.99 (95% CI 88.91-106.69)"`` in percent: mean ± sample std and the t-interval of the mean, for
+    more than one run (the interval cut to [0, 100%]); the mean alone for one; "-" for none."""
+    if n == 0 or math.isnan(mean):
+        return "-"
+    text = f"{mean * 100:.2f}%"
+    if n > 1:
+        text += f" ± {std * 100:.2f} (95% CI {max(lo, 0.0) * 100:.2f}-{min(hi, 1.0) * 100:.2f})"
+    return text
+
+
 def format_cells(table: pd.DataFrame) -> list[list[str]]:
-    """The table as display strings, in ``COLUMNS`` order (accuracy as mean ± std [min-max] in percent)."""
+    """The table as display strings, in ``COLUMNS`` order (accuracy as ``format_acc``)."""
     cells = []
     for row in table.to_dict("records"):
-        acc = f"{row['acc_mean'] * 100:.2f}%"
-        if row["runs"] > 1:
-            acc += f" ± {row['acc_std'] * 100:.2f} [{row['acc_min'] * 100:.2f}-{row['acc_max'] * 100:.2f}]"
+        acc = format_acc(row["acc_mean"], row["acc_std"], row["acc_lo"], row["acc_hi"], row["runs"])
         values = {
             "setting": str(row["setting"]),
             "model": DISPLAY.get(row["model"], row["model"]),
@@ -257,7 +285,7 @@ def format_cells(table: pd.DataFrame) -> list[list[str]]:
             "seeds": str(row["seeds"]),
             "diverged": str(row["diverged"]) + (f" (+{row['unfinished']} unfinished)" if row["unfinished"] else ""),
             "batch": row["batch"] or "-",
-            "acc": acc if row["runs"] else "-",
+            "acc": acc,
             "params": f"{int(row['params']):,}",
             "mflops": _num(row["flops"] / 1e6, ".2f"),
             "t_train": _num(row["t_train"], ".3f"),
@@ -281,3 +309,52 @@ def markdown_table(header: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The learning rate chosen on the validation split, per model: one row per (model, depth) of the sweep with
+    ``val_<lr>`` (mean final validation accuracy of the finished runs at that lr; NaN when none finished),
+    ``diverged_<lr>``, the ``chosen_lr`` (highest mean validation accuracy) and the test accuracy at that lr over
+    its seeds (``test_mean``, ``test_std``, ``test_lo``, ``test_hi``, ``seeds``). Empty when the runs have no
+    validation accuracy (no validation split) or sweep a single lr."""
+    sweep = runs[runs["phase"] == "sweep"] if "phase" in runs else runs
+    if sweep.empty or "val_acc" not in sweep or sweep["val_acc"].isna().all() or sweep["lr"].nunique() < 2:
+        return pd.DataFrame()
+    lrs = sorted(sweep["lr"].unique())
+    status = sweep["status"] if "status" in sweep else pd.Series("finished", index=sweep.index)
+    rows = []
+    for (model, depth), group in sweep.groupby(["model", "depth"], sort=False):
+        row: dict = {"model": model, "depth": int(depth), "label": group["label"].iloc[0]}
+        means = {}
+        for lr in lrs:
+            at = group[group["lr"] == lr]
+            done = at[status[at.index] == "finished"]
+            row[f"val_{lr:g}"] = means[lr] = done["val_acc"].mean() if len(done) else math.nan
+            row[f"diverged_{lr:g}"] = int((status[at.index] == "diverged").sum())
+        finite = {lr: v for lr, v in means.items() if not math.isnan(v)}
+        chosen = max(finite, key=finite.get) if finite else math.nan
+        row["chosen_lr"] = chosen
+        done = group[(group["lr"] == chosen) & (status[group.index] == "finished")] if finite else group.iloc[:0]
+        row["test_mean"], row["test_std"], row["test_lo"], row["test_hi"] = mean_interval(done["final_acc"])
+        row["seeds"] = int(done["seed"].nunique())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def selection_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """``selection_table`` as a header and display strings."""
+    lrs = [c[4:] for c in table.columns if c.startswith("val_")]
+    header = ["model", "depth", *[f"val acc, lr {lr}" for lr in lrs], "chosen lr", "seeds", "test acc at chosen lr"]
+    cells = []
+    for row in table.to_dict("records"):
+        vals = []
+        for lr in lrs:
+            v, div = row[f"val_{lr}"], row[f"diverged_{lr}"]
+            text = "-" if math.isnan(v) else f"{v * 100:.2f}%"
+            vals.append(text + (f" ({div} diverged)" if div else ""))
+        chosen = "-" if math.isnan(row["chosen_lr"]) else f"{row['chosen_lr']:g}"
+        test = format_acc(row["test_mean"], row["test_std"], row["test_lo"], row["test_hi"], row["seeds"])
+        cells.append(
+            [DISPLAY.get(row["model"], row["model"]), str(row["depth"]), *vals, chosen, str(row["seeds"]), test]
+        )
+    return header, cells

@@ -27,25 +27,12 @@ def package_version(name: str) -> str:
         return "unknown"
 
 
-def machine_name(device: str) -> str:
-    """The device a run trains on in words, with the machine's core count: "AMD EPYC 7B13 (2 logical cores
-    visible)", "NVIDIA H100 80GB HBM3 (16 CPU cores)"."""
-    import os
-
-    import torch
-
-    from vitbn.bench.system import device_name
-
-    dev = torch.device(device)
-    name = device_name(dev)
-    return name if dev.type == "cpu" else f"{name} ({os.cpu_count()} CPU cores)"
-
-
 def environment_tags(device: str, threads: int) -> dict[str, str]:
     """The tags every training run carries."""
     import torch
 
     import vitbn
+    from vitbn.provenance import machine_name
 
     commit = git_commit()
     tags = {
