@@ -14,7 +14,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from vitbn.bn import AllReduceSyncBatchNorm, convert_sync_batchnorm
-from vitbn.bn.distributed import (
+from vitbn.data import Split
+from vitbn.engine.checkpoint import unwrap
+from vitbn.engine.distributed import (
     TORCHRUN_VARS,
     DistInfo,
     all_reduce_mean,
@@ -23,10 +25,8 @@ from vitbn.bn.distributed import (
     init_distributed,
     is_main_process,
     shard,
-    unwrap,
     wrap_ddp,
 )
-from vitbn.data import Split
 from vitbn.errors import UserError
 from vitbn.models import create_model
 from vitbn.models.norms import set_prepbn_lambda

@@ -14,13 +14,12 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-from vitbn.bn.distributed import TORCHRUN_VARS, DistInfo
 from vitbn.cli import main
 from vitbn.config import ModelConfig, RunConfig, TrainConfig
 from vitbn.data import Dataset, InMemoryLoader, PreparedData, Split
 from vitbn.engine import fit
 from vitbn.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME
-from vitbn.engine.parallel import RankLoader, eval_share
+from vitbn.engine.distributed import TORCHRUN_VARS, DistInfo, RankLoader, eval_share
 from vitbn.engine.setup import check_sync_bn, make_loaders
 from vitbn.errors import UserError
 
@@ -166,7 +165,7 @@ def test_torchrun_sync_bn_matches_one_process_and_resumes(tmp_path):
 _TEARDOWN = """
 import os, sys, torch, torch.distributed as dist
 from torch import nn
-from vitbn.bn.distributed import destroy_distributed, exit_process, init_distributed
+from vitbn.engine.distributed import destroy_distributed, exit_process, init_distributed
 
 def tasks():
     return len(os.listdir("/proc/self/task"))

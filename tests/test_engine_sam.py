@@ -14,9 +14,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.testing import assert_close
 
-from vitbn.bn.distributed import destroy_distributed, init_distributed, unwrap, wrap_ddp
 from vitbn.config import RunConfig, TrainConfig
+from vitbn.engine.checkpoint import unwrap
 from vitbn.engine.device import make_amp
+from vitbn.engine.distributed import destroy_distributed, init_distributed, wrap_ddp
 from vitbn.engine.sam import SAM
 from vitbn.engine.step import make_loss, train_step
 from vitbn.models import create_model

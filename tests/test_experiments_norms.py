@@ -67,6 +67,8 @@ def test_selection_counts_failures_apart_and_finds_the_largest_stable_lr():
         and ln["test_acc"] == pytest.approx(0.91)
         and ln["test_std"] == pytest.approx(pd.Series([0.89, 0.93]).std(ddof=1))
     )
+    half = 12.7062047361747 * pd.Series([0.89, 0.93]).std(ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
+    assert (ln["test_lo"], ln["test_hi"]) == pytest.approx((0.91 - half, 0.91 + half))
     assert (ln["diverged"], ln["collapsed"], ln["runs"], ln["largest_stable_lr"]) == (1, 0, 4, 0.001)
     assert bn["lr"] == 0.001 and (bn["diverged"], bn["collapsed"], bn["largest_stable_lr"]) == (0, 1, 0.001)
     assert ln["img_s_b1000"] == 2000.0 and ln["ms_b1"] == pytest.approx(2.0) and math.isnan(bn["img_s_b1000"])

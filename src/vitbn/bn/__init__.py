@@ -1,7 +1,7 @@
 """The BatchNorm toolkit: precise statistics, frozen BN, ghost BN, SyncBN on any device, folding for inference.
 
-The consistency study (``vitbn bn-study``) is in ``vitbn.bn.study``; the data-parallel helpers in
-``vitbn.bn.distributed``.
+The consistency study (``vitbn bn-study``) is in ``vitbn.bn.study``; data-parallel training (DDP, SyncBN
+conversion, averaged BN buffers) in ``vitbn.engine.distributed``.
 """
 
 from vitbn.bn.frozen import FrozenBatchNorm, freeze_bn, kept_bn_stats, unfreeze_bn

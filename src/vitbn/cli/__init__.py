@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``vitbn`` script: ``main``, and a rank of a distributed run leaves with ``exit_process``."""
-    from vitbn.bn.distributed import exit_process
+    from vitbn.engine.distributed import exit_process
 
     return exit_process(main())
 

@@ -78,8 +78,8 @@ def resume_command(args: argparse.Namespace, run_name: str) -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     """Trains one run; under ``torchrun`` this is one rank of a data-parallel run, and rank 0 reports."""
-    from vitbn.bn.distributed import destroy_distributed, is_main_process
     from vitbn.engine import fit
+    from vitbn.engine.distributed import destroy_distributed, is_main_process
 
     config = config_from_args(args)
     result = None

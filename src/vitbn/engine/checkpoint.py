@@ -109,9 +109,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def restore_state(
+    ckpt: dict, path: Path, *, model: nn.Module, optimizer, scheduler, scaler, train, steps_per_epoch: int
+) -> list[str]:
+    """Loads a checkpoint's model, optimizer, scheduler and GradScaler states in place (a resume); returns the
+    notes to show (a schedule rescaled to more epochs). A checkpoint of another model or optimizer is one line."""
+    from vitbn.engine.optim import load_scheduler
+
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
+    notes = []
+    if scheduler is not None and ckpt.get("scheduler"):
+        note = load_scheduler(scheduler, ckpt["scheduler"], train, steps_per_epoch)
+        notes += [note] if note else []
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return notes
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The eager module behind a ``torch.compile`` wrapper."""
-    return getattr(model, "_orig_mod", model)
+    """The model behind its wrappers: ``torch.compile``'s (``_orig_mod``) and DDP's (``module``), in any order."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def export_model(model: nn.Module, path: str | Path, data: Any = None) -> Path:

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitbn.bn.distributed import DistInfo, average_bn_buffers, init_distributed, wrap_ddp
 from vitbn.config import RunConfig, save_yaml
 from vitbn.engine.checkpoint import (
     CHECKPOINT_NAME,
@@ -21,14 +20,26 @@ from vitbn.engine.checkpoint import (
     deferred_interrupt,
     export_model,
     load_checkpoint,
+    restore_state,
     rng_state,
     set_rng_state,
 )
+from vitbn.engine.compiled import Compiled
 from vitbn.engine.device import make_amp, resolve_device, seed_everything
+from vitbn.engine.distributed import (
+    DistInfo,
+    any_rank,
+    average_bn_buffers,
+    from_main,
+    init_distributed,
+    reduce_evaluation,
+    seed_rank_epoch,
+    sum_over_ranks,
+    wrap_ddp,
+)
 from vitbn.engine.evaluate import evaluate
 from vitbn.engine.history import write_history
-from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler, load_scheduler
-from vitbn.engine.parallel import any_rank, from_main, reduce_evaluation, seed_rank_epoch, sum_over_ranks
+from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler
 from vitbn.engine.progress import Progress
 from vitbn.engine.sam import SAM
 from vitbn.engine.setup import (
@@ -41,7 +52,7 @@ from vitbn.engine.setup import (
 )
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
-from vitbn.errors import UserError, first_line
+from vitbn.errors import UserError
 from vitbn.tracking import MemoryTracker, Tracker, make_tracker
 from vitbn.tracking.env import environment_tags
 
@@ -155,17 +166,15 @@ class _Run:
             self.prepbn.set(steps_done)
 
     def _wrap(self, sync_bn: bool, compile: bool) -> None:
-        """Sets the modules that train (``net``) and evaluate (``eval_net``), compiled if asked.
+        """Sets the modules that train (``net``) and evaluate (``eval_net``), each a ``Compiled``.
 
-        ``train_net`` is DDP over ``model`` in a distributed run (its BatchNorms converted in place to SyncBN if
-        ``sync_bn``; the parameters stay those the optimizer holds), else ``model`` itself. Evaluation and
-        export use ``model``: the DDP wrapper's forward broadcasts buffers, a collective."""
-        self.train_net = wrap_ddp(self.model, sync_bn=sync_bn, device=self.device)
-        self.net, self.eval_net = self.train_net, self.model
-        if compile:
-            self.net = self._compile(self.train_net)
-            self.eval_net = self.net if self.train_net is self.model else self._compile(self.model)
-        self._compile_checked = {"train": not compile, "eval": not compile}
+        Training runs DDP over ``model`` in a distributed run (its BatchNorms converted in place to SyncBN if
+        ``sync_bn``; the parameters stay those the optimizer holds), else ``model`` itself, and then both stages
+        share one ``Compiled``. Evaluation and export use ``model``: the DDP wrapper's forward broadcasts
+        buffers, a collective."""
+        train_net = wrap_ddp(self.model, sync_bn=sync_bn, device=self.device)
+        self.net = Compiled(train_net, compile)
+        self.eval_net = self.net if train_net is self.model else Compiled(self.model, compile)
 
     def _load_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT_NAME
@@ -181,26 +190,12 @@ class _Run:
         changed = changed_settings(ckpt["config"], self.config.to_dict())
         if changed:
             warnings.warn(f"resuming {self.run_name!r} with changed settings: {', '.join(changed)}", stacklevel=3)
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"checkpoint {path} does not fit this model/optimizer: {first_line(exc)}") from None
-        if self.scheduler is not None and ckpt.get("scheduler"):
-            note = load_scheduler(self.scheduler, ckpt["scheduler"], self.config.train, len(self.loaders.train))
-            if note:
-                warnings.warn(note, stacklevel=3)
-        if self.amp.scaler is not None and ckpt.get("scaler"):
-            self.amp.scaler.load_state_dict(ckpt["scaler"])
+        for note in restore_state(ckpt, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                  scaler=self.amp.scaler, train=self.config.train,
+                                  steps_per_epoch=len(self.loaders.train)):  # fmt: skip
+            warnings.warn(note, stacklevel=3)
         self.history, self.start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
         self.run_id, self._rng = ckpt.get("run_id"), ckpt["rng"]
-
-    def _compile(self, module: nn.Module) -> nn.Module:
-        try:
-            return torch.compile(module)
-        except Exception as exc:  # e.g. an unsupported Python version or platform
-            warnings.warn(f"torch.compile failed ({first_line(exc)}); training the eager model", stacklevel=3)
-            return module
 
     def fit(self, parent_run_id: str | None, on_epoch: Callable[[dict], None] | None) -> FitResult:
         try:
@@ -256,7 +251,7 @@ class _Run:
         loader.set_epoch(epoch)
         if self.info.distributed:
             seed_rank_epoch(self.config.train.seed, epoch, self.info)
-        self.net.train()
+        self.net.module.train()
         # Running sums stay on the device: no host sync per step (one per FINITE_CHECK_EVERY steps).
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -301,33 +296,13 @@ class _Run:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tc = self.config.train
-        kwargs = dict(amp=self.amp, grad_clip=tc.grad_clip, clip_params=self.clip_params, sam=self.sam)
-        if self._compile_checked["train"]:
-            return train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
-        try:  # the first compiled step compiles; a compiler failure falls back to the eager model
-            out = train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
-        except Exception as exc:
-            self.net = self._compile_failed("train", exc)
-            out = train_step(self.net, x, y, self.optimizer, self.loss_fn, **kwargs)
-        self._compile_checked["train"] = True
-        return out
-
-    def _compile_failed(self, stage: str, exc: Exception) -> nn.Module:
-        warnings.warn(f"torch.compile failed in {stage} ({first_line(exc)}); using the eager model", stacklevel=4)
-        return self.train_net if stage == "train" else self.model
+        return self.net.run("train", train_step, x, y, self.optimizer, self.loss_fn, amp=self.amp,
+                            grad_clip=tc.grad_clip, clip_params=self.clip_params, sam=self.sam)  # fmt: skip
 
     def _evaluate(self, loader) -> dict:
         kwargs = dict(device=self.device, precision=self.config.train.precision,
                       num_classes=self.model.config.num_classes)  # fmt: skip
-        if self._compile_checked["eval"]:
-            out = evaluate(self.eval_net, loader, **kwargs)
-        else:
-            try:
-                out = evaluate(self.eval_net, loader, **kwargs)
-            except Exception as exc:
-                self.eval_net = self._compile_failed("evaluation", exc)
-                out = evaluate(self.eval_net, loader, **kwargs)
-            self._compile_checked["eval"] = True
+        out = self.eval_net.run("evaluation", evaluate, loader, **kwargs)
         return reduce_evaluation(out) if self.info.distributed else out
 
     def _evaluate_epoch(self, epoch: int) -> dict:

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vitbn.bn.distributed import DistInfo
 from vitbn.config import ModelConfig, RunConfig, TrainConfig, flatten, pair
-from vitbn.engine.parallel import RankLoader, eval_share
+from vitbn.engine.distributed import DistInfo, RankLoader, eval_share
 from vitbn.errors import UserError
 
 # Settings that may change when a run is resumed without changing its numbers (or by intent: epochs).

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitbn.experiments.recipes import load_experiment, provenance, write_report
-from vitbn.report.tables import markdown_table, per_epoch_median
+from vitbn.report.tables import format_acc, markdown_table, mean_interval, per_epoch_median
 
 COLLAPSE_ACC = 0.2
 NORM_NAMES = {"ln": "LayerNorm", "rms": "RMSNorm", "dyt": "DyT", "bnffn": "BN in FFN (ViTBNFFN)",
@@ -64,8 +64,7 @@ def by_lr_table(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
             # selection: a failed seed counts as accuracy 0, so an lr that fails for any seed is rarely chosen
             "val_select": float(group["val_acc"].where(group["outcome"] == "ok", 0.0).fillna(0.0).mean()),
             "val_acc": float(ok["val_acc"].mean()) if len(ok) else math.nan,
-            "test_acc": float(ok["final_acc"].mean()) if len(ok) else math.nan,
-            "test_std": float(ok["final_acc"].std(ddof=1)) if len(ok) > 1 else math.nan,
+            **dict(zip(("test_acc", "test_std", "test_lo", "test_hi"), mean_interval(ok["final_acc"]))),
             "t_train": sum(times) / len(times) if times else math.nan,
         })  # fmt: skip
     return pd.DataFrame(rows)
@@ -84,6 +83,7 @@ def norms_table(runs: pd.DataFrame, by_lr: pd.DataFrame, throughput: dict[str, d
             "label": label, "variant": label.split("-", 1)[1], "model": first["model"],
             "params": int(first["params"]), "flops": int(first["flops"]),
             "lr": best["lr"], "val_acc": best["val_acc"], "test_acc": best["test_acc"], "test_std": best["test_std"],
+            "test_lo": best["test_lo"], "test_hi": best["test_hi"],
             "ok": int(best["ok"]), "runs": int(group["seeds"].sum()),
             "diverged": int(group["diverged"].sum()), "collapsed": int(group["collapsed"].sum()),
             "largest_stable_lr": float(stable["lr"].max()) if len(stable) else math.nan,
@@ -113,16 +113,15 @@ def folded_throughput(configs: dict[str, object], batches=(1, 1000), repeats: in
     return out
 
 
-def _pct(x: float, std: float = math.nan) -> str:
-    if not math.isfinite(x):
-        return "-"
-    return f"{100 * x:.2f} ± {100 * std:.2f}%" if math.isfinite(std) else f"{100 * x:.2f}%"
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%" if math.isfinite(x) else "-"
 
 
 def _cells(table: pd.DataFrame) -> list[list[str]]:
     return [[
         NORM_NAMES.get(r["variant"], r["variant"]), r["model"], f"{r['params']:,}", f"{r['flops'] / 1e6:.2f}",
-        f"{r['lr']:g}", _pct(r["val_acc"]), f"{_pct(r['test_acc'], r['test_std'])} ({r['ok']} seeds)",
+        f"{r['lr']:g}", _pct(r["val_acc"]),
+        f"{format_acc(r['test_acc'], r['test_std'], r['test_lo'], r['test_hi'], r['ok'])} ({r['ok']} seeds)",
         f"{r['diverged']} / {r['collapsed']} of {r['runs']}",
         f"{r['largest_stable_lr']:g}" if math.isfinite(r["largest_stable_lr"]) else "none",
         f"{r['t_train']:.2f}", f"{r['img_s_b1000']:,.0f}", f"{r['ms_b1']:.2f}",
@@ -184,7 +183,8 @@ def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | Non
         provenance(runs.runs, "the throughput columns"), "",
         markdown_table(HEADER, _cells(table)), "",
         "selected lr: the lr with the best mean validation accuracy over the seeds (a failed seed counts 0); val / "
-        "test acc: after the last epoch at that lr, mean (± sample std) over the seeds that trained; diverged: "
+        "test acc: after the last epoch at that lr, mean ± sample std and the Student-t 95% interval of the mean over "
+        "the seeds that trained; diverged: "
         f"non-finite training loss; collapsed: finished below {100 * COLLAPSE_ACC:.0f}% validation accuracy; "
         "largest stable lr: the largest lr at which every seed trained; T(train): median seconds per training "
         "epoch (epoch 1 excluded when there are more than 2), mean over seeds; folded: `fuse_bn` applied (PRepBN at "
