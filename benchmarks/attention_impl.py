@@ -20,7 +20,7 @@ import torch
 
 from vitbn.bench.cases import infer_case, train_case
 from vitbn.bench.system import device_name
-from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
+from vitbn.bench.timing import Case, add_round_arguments, paired_ratio, run_rounds, summarize
 from vitbn.engine.device import resolve_device
 from vitbn.models import create_model
 
@@ -41,10 +41,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     p.add_argument("--batch", type=int, default=100, help="training batch")
     p.add_argument("--infer-batch", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--min-repeat-s", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    add_round_arguments(p, repeats=9)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -52,9 +49,7 @@ def main() -> None:
             for impl in IMPLS]  # fmt: skip
     cases = {k: make_case(k[0], k[3], k[1], k[2], args.batch if k[1] == "train" else args.infer_batch, device)
              for k in keys}  # fmt: skip
-    for case in cases.values():
-        warm_up(case, 3, args.min_repeat_s)
-    interleave(list(cases.values()), args.repeats)
+    run_rounds(list(cases.values()), args)
     print(f"# {device_name(device)}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
           f"{device}, train batch {args.batch}, infer batch {args.infer_batch}, {args.repeats} interleaved "
           "rounds")  # fmt: skip

@@ -17,7 +17,7 @@ import os
 import torch
 
 from vitbn.bench.system import device_name
-from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
+from vitbn.bench.timing import Case, add_round_arguments, paired_ratio, run_rounds, summarize
 from vitbn.config import TrainConfig
 from vitbn.engine.device import make_amp, resolve_device
 from vitbn.engine.optim import build_optimizer
@@ -46,18 +46,13 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["vit", "vitbn"])
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--min-repeat-s", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    add_round_arguments(p, repeats=7)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cases = {(m, v): step_case(f"{m} {v}", m, v, args.precision, args.batch, device)
              for m in args.models for v in VARIANTS}  # fmt: skip
-    for case in cases.values():
-        warm_up(case, 3, args.min_repeat_s)
-    interleave(list(cases.values()), args.repeats)
+    run_rounds(list(cases.values()), args)
     print(f"# {device_name(device)}, {os.cpu_count()} cores, {args.threads} threads, "
           f"torch {torch.__version__}, {device}, {args.precision}, batch {args.batch}, {args.repeats} interleaved "
           "rounds")  # fmt: skip

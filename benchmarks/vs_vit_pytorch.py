@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from vitbn.bench.cases import OP_CATEGORIES, batch_for, first_line, op_shares
-from vitbn.bench.report import as_saved, markdown_page, provenance_line, render_saved, save_json, write_page
+from vitbn.bench.report import as_saved, markdown_page, provenance_line, publish, render_saved
 from vitbn.bench.system import environment, tune_cpu_allocator
 from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
 from vitbn.config import TrainConfig
@@ -328,12 +328,7 @@ def main(argv=None) -> int:
     profile = profile_rows(cases, args.profile_steps) if args.profile else []
     # what is printed, saved and put on the page: the run as its JSON holds it, with the measurement's provenance
     saved = as_saved({"meta": env, "rows": rows, "profile": profile, "provenance": current(command).to_dict()})
-    print(format_text(saved))
-    out = args.out or (Path(args.markdown).with_suffix(".json") if args.markdown else None)
-    if out:
-        print(f"\nwrote {save_json(saved, out)}")
-    if args.markdown:
-        print(f"wrote {write_page(page(saved), args.markdown)}")
+    publish(saved, format_text(saved), args.out, args.markdown, page)
     return 0
 
 

@@ -22,6 +22,18 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def vs_script():
+    """benchmarks/vs_vit_pytorch.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_vit_pytorch.py"
+    spec = importlib.util.spec_from_file_location("vs_vit_pytorch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def data_root() -> Path:
     """The folder holding mnist/ with the official files."""

@@ -6,10 +6,8 @@ tiny real bench), nothing timed that matters."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shlex
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from vitbn.cli import main
 from vitbn.errors import UserError
 from vitbn.provenance import Provenance
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_vit_pytorch.py"
 PROVENANCE = Provenance(
     command="vitbn bench --quick --markdown docs/bench/quick.md",
     date="2026-12-07T11:30:05",
@@ -149,19 +146,11 @@ def test_render_options_are_checked_before_anything_runs(tmp_path, capsys):
     assert "--markdown page.json names the page (.md)" in capsys.readouterr().err
 
 
-# benchmarks/vs_vit_pytorch.py (imported by path, as in test_bench_vs_reference.py)
+# benchmarks/vs_vit_pytorch.py (imported by path: the vs_script fixture of conftest.py)
 
 
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("vs_vit_pytorch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def vs_saved(script) -> dict:
-    """A run of the script as its JSON holds it, from fake cases with known timings."""
+def vs_saved(vs_script) -> dict:
+    """A run of the vs_script as its JSON holds it, from fake cases with known timings."""
     cpu = torch.device("cpu")
     cases = [
         ({"precision": "fp32", "mode": "train", "impl": impl}, Case(impl, lambda: None, 100, cpu, seconds=seconds))
@@ -169,19 +158,19 @@ def vs_saved(script) -> dict:
     ]
     meta = {**META, "depth": 6, "batch_size": 100, "infer_batch_size": 1000, "repeats": 2}
     vs = Provenance(**{**PROVENANCE.to_dict(), "command": "python benchmarks/vs_vit_pytorch.py --markdown vs.md"})
-    return as_saved({"meta": meta, "rows": script.rows_of(cases), "profile": [], "provenance": vs.to_dict()})
+    return as_saved({"meta": meta, "rows": vs_script.rows_of(cases), "profile": [], "provenance": vs.to_dict()})
 
 
-def test_vs_reference_page_and_render(script, tmp_path, capsys):
-    saved = vs_saved(script)
-    page = script.page(saved)
+def test_vs_reference_page_and_render(vs_script, tmp_path, capsys):
+    saved = vs_saved(vs_script)
+    page = vs_script.page(saved)
     assert page.startswith("# vitbn vs vit-pytorch\n\nMade by `python benchmarks/vs_vit_pytorch.py --markdown vs.md` ")
-    assert _block(page) == script.format_text(saved)
+    assert _block(page) == vs_script.format_text(saved)
     assert "ViT depth 6, dim 64, heads 8x64, mlp 128, 17 tokens; train batch 100, infer batch 1000" in page
     line = next(line for line in _block(page).splitlines() if line.startswith("fp32  train  vitbn "))
     assert "125.0" in line.split() and "1.25x vit-pytorch" in line and "target >= 1.2x vit-pytorch: met" in line
     path = save_json(saved, tmp_path / "vs.json")
-    assert script.main(["--render", str(path), "--markdown", str(tmp_path / "again.md")]) == 0
+    assert vs_script.main(["--render", str(path), "--markdown", str(tmp_path / "again.md")]) == 0
     again = (tmp_path / "again.md").read_text()
     extra = next(line for line in again.splitlines() if line.startswith("Rendered again from vs.json by `"))
     assert extra.startswith("Rendered again from vs.json by `python ") and "vs_vit_pytorch.py --render " in extra
@@ -189,19 +178,19 @@ def test_vs_reference_page_and_render(script, tmp_path, capsys):
     capsys.readouterr()
     saved.pop("rows")
     save_json(saved, path)
-    assert script.main(["--render", str(path), "--markdown", str(tmp_path / "bad.md")]) == 2
+    assert vs_script.main(["--render", str(path), "--markdown", str(tmp_path / "bad.md")]) == 2
     assert capsys.readouterr().err == (
         f"vs_vit_pytorch.py: error: benchmark file {path} has no 'rows': not written by benchmarks/vs_vit_pytorch.py "
         "--out or --markdown\n"
     )
     with pytest.raises(UserError, match=r"benchmark file .*vs.json has no 'rows'"):
-        script.render(str(path), str(tmp_path / "bad.md"))
+        vs_script.render(str(path), str(tmp_path / "bad.md"))
 
 
-def test_vs_reference_needs_vit_pytorch_only_to_time(script, capsys):
+def test_vs_reference_needs_vit_pytorch_only_to_time(vs_script, capsys):
     with pytest.raises(SystemExit):
-        script.parse_args([])
+        vs_script.parse_args([])
     assert "--vit-pytorch DIR is required to time" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        script.parse_args(["--render", "vs.json"])
+        vs_script.parse_args(["--render", "vs.json"])
     assert "--render FILE.json takes --markdown OUT" in capsys.readouterr().err

@@ -3,23 +3,10 @@ only on such a pairing (fake cases with known timings; the script itself needs v
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from vitbn.bench.timing import Case
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_vit_pytorch.py"
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("vs_vit_pytorch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _case(impl: str, seconds: list[float], precision: str = "fp32") -> tuple[dict, Case]:
@@ -27,7 +14,7 @@ def _case(impl: str, seconds: list[float], precision: str = "fp32") -> tuple[dic
     return {"precision": precision, "mode": "train", "impl": impl}, case
 
 
-def test_each_implementation_is_paired_with_its_like_reference(script):
+def test_each_implementation_is_paired_with_its_like_reference(vs_script):
     cases = [
         _case("vit-pytorch", [1.0, 2.0]),
         _case("vitbn", [0.8, 1.6]),  # 1.25x the eager reference in both rounds
@@ -36,23 +23,23 @@ def test_each_implementation_is_paired_with_its_like_reference(script):
         _case("vitbn", [0.4, 0.8], "bf16"),
         _case("vit-pytorch", [0.5, 1.0], "bf16"),
     ]
-    rows = {(r["precision"], r["impl"]): r for r in script.rows_of(cases)}
+    rows = {(r["precision"], r["impl"]): r for r in vs_script.rows_of(cases)}
     assert rows[("fp32", "vitbn")]["pairing"] == "vit-pytorch"
     assert rows[("fp32", "vitbn")]["vs_ref"] == pytest.approx(1.25)
     assert rows[("fp32", "vitbn+compile")]["pairing"] == "vit-pytorch+compile"
     assert rows[("fp32", "vitbn+compile")]["vs_ref"] == pytest.approx((0.5 / 0.45 + 1.0) / 2)
     assert rows[("bf16", "vitbn")]["vs_ref"] == pytest.approx(1.25)
     assert rows[("bf16", "vitbn")]["bf16_vs_fp32"] == pytest.approx(2.0)
-    text = script.format_rows(list(rows.values()))
+    text = vs_script.format_rows(list(rows.values()))
     lines = {(line.split()[0], line.split()[2]): line for line in text.splitlines()[2:]}
     assert "1.25x vit-pytorch" in lines[("fp32", "vitbn")]
     assert "target >= 1.2x vit-pytorch: met" in lines[("fp32", "vitbn")]
     assert "target >= 1.2x vit-pytorch+compile: NOT met" in lines[("fp32", "vitbn+compile")]
 
 
-def test_no_verdict_without_a_like_reference(script):
-    rows = script.rows_of([_case("vit-pytorch", [1.0]), _case("vitbn+compile", [0.1])])  # no compiled reference
+def test_no_verdict_without_a_like_reference(vs_script):
+    rows = vs_script.rows_of([_case("vit-pytorch", [1.0]), _case("vitbn+compile", [0.1])])  # no compiled reference
     compiled = next(r for r in rows if r["impl"] == "vitbn+compile")
     assert compiled["vs_ref"] is None and compiled["pairing"] == "vit-pytorch+compile"
-    line = script.format_rows(rows).splitlines()[-1]
+    line = vs_script.format_rows(rows).splitlines()[-1]
     assert "- (no vit-pytorch+compile)" in line and "met" not in line

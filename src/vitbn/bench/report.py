@@ -157,6 +157,18 @@ def load_json(path: str | Path) -> dict:
     return read_saved(path, ("rows",), "vitbn bench")
 
 
+def publish(saved: dict, text: str, out: str | Path | None, markdown: str | Path | None,
+            page: Callable[[dict], str]) -> None:  # fmt: skip
+    """Prints ``text`` (what the terminal shows), then writes the JSON (``out``, default: the page's name with
+    .json when there is a page) and the ``markdown`` page ``page(saved)``, saying what it wrote."""
+    print(text)
+    out = out or (Path(markdown).with_suffix(".json") if markdown else None)
+    if out:
+        print(f"\nwrote {save_json(saved, out)}")
+    if markdown:
+        print(f"wrote {write_page(page(saved), markdown)}")
+
+
 def markdown_page(title: str, notes: list[str], text: str) -> str:
     """A benchmark's page: the title, the lines saying what made it (one paragraph each), then ``text`` as the
     terminal shows it, in a ``text`` block."""

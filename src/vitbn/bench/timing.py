@@ -99,3 +99,19 @@ def summarize(samples: Sequence[float]) -> dict:
         "max": max(samples),
         "spread_pct": 100.0 * (max(samples) - min(samples)) / med if med else math.nan,
     }
+
+
+def add_round_arguments(parser, repeats: int = 7) -> None:
+    """The options of a side-by-side script (``benchmarks/*.py``): ``--repeats``, ``--min-repeat-s``, ``--threads``
+    and ``--device``."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved timed rounds")
+    parser.add_argument("--min-repeat-s", type=float, default=0.5, help="seconds one timed repeat lasts at least")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+def run_rounds(cases: Sequence[Case], args, warmup: int = 3) -> None:
+    """Warms every case up and times them in ``args.repeats`` interleaved rounds (``add_round_arguments``)."""
+    for case in cases:
+        warm_up(case, warmup, args.min_repeat_s)
+    interleave(list(cases), args.repeats)

@@ -147,8 +147,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitbn.bench import format_report, run_bench, save_json
-    from vitbn.bench.report import as_saved, bench_page, render_page, write_page
+    from vitbn.bench import format_report, run_bench
+    from vitbn.bench.report import as_saved, bench_page, publish, render_page
     from vitbn.errors import UserError
     from vitbn.provenance import current
 
@@ -165,10 +165,5 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     # what is printed, saved and put on the page: the result as its JSON holds it, with the measurement's provenance
     result = as_saved({**result, "provenance": current(device=result["meta"]["device"]).to_dict()})
-    print(format_report(result))
-    out = args.out or (Path(args.markdown).with_suffix(".json") if args.markdown else None)
-    if out:
-        print(f"\nwrote {save_json(result, out)}")
-    if args.markdown:
-        print(f"wrote {write_page(bench_page(result), args.markdown)}")
+    publish(result, format_report(result), args.out, args.markdown, bench_page)
     return 0
