@@ -309,6 +309,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     tuned = tune_cpu_allocator() if args.tune_allocator else False
     device = torch.device("cpu")
+    made = current(command)  # the code and the start of the measurement
     started = time.perf_counter()
     cases = make_cases(args, ref_cls, device)
     warm_all(cases, args)
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
     }
     profile = profile_rows(cases, args.profile_steps) if args.profile else []
     # what is printed, saved and put on the page: the run as its JSON holds it, with the measurement's provenance
-    saved = as_saved({"meta": env, "rows": rows, "profile": profile, "provenance": current(command).to_dict()})
+    saved = as_saved({"meta": env, "rows": rows, "profile": profile, "provenance": made.to_dict()})
     publish(saved, format_text(saved), args.out, args.markdown, page)
     return 0
 

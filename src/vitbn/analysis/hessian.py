@@ -50,16 +50,20 @@ class Eigen:
 def hvp(model: nn.Module, batches: Batches, params: Sequence[torch.Tensor], vector: Sequence[torch.Tensor]):
     """The Hessian-vector product ``H v`` of the mean cross-entropy over all images of ``batches`` with respect to
     ``params`` (the others held fixed), ``v`` given as one tensor per parameter. The model is used in the mode it
-    is in (see ``analysis_mode``).
+    is in (see ``analysis_mode``). Fused attention runs through ``scaled_dot_product_attention``'s math kernel,
+    whose backward can be differentiated again (the flash kernels' cannot).
 
     Returns:
         A list of tensors shaped like ``params``.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     total = num_images(batches)
     out = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y) * (len(y) / total)  # this batch's share of the mean
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = F.cross_entropy(model(x), y) * (len(y) / total)  # this batch's share of the mean
+            grads = torch.autograd.grad(loss, params, create_graph=True)
         dot = sum((g * v).sum() for g, v in zip(grads, vector))
         for acc, h in zip(out, torch.autograd.grad(dot, params)):
             acc.add_(h)

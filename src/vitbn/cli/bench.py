@@ -149,6 +149,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 def run(args: argparse.Namespace) -> int:
     from vitbn.bench import format_report, run_bench
     from vitbn.bench.report import as_saved, bench_page, publish, render_page
+    from vitbn.engine.device import resolve_device
     from vitbn.errors import UserError
     from vitbn.provenance import current
 
@@ -162,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {render_page(args.render, args.markdown)}")
         return 0
     options = options_from_args(args)
+    made = current(device=str(resolve_device(options.device)))  # the code and the start of the measurement
     result = run_bench(options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     # what is printed, saved and put on the page: the result as its JSON holds it, with the measurement's provenance
-    result = as_saved({**result, "provenance": current(device=result["meta"]["device"]).to_dict()})
+    result = as_saved({**result, "provenance": made.to_dict()})
     publish(result, format_report(result), args.out, args.markdown, bench_page)
     return 0

@@ -110,14 +110,16 @@ class Attention(nn.Module):
 
 
 def use_explicit(impl: str, qkv: torch.Tensor) -> bool:
-    """Whether the explicit path computes attention on the projection ``qkv``. ``"auto"``: explicit on the
-    CPU, the fused kernel elsewhere. For the 17 tokens of the study's ViT on 2 CPU cores the fused kernel took
-    ~3x the time of the explicit path in bf16 training and was within noise in fp32 training. (In fp32
-    inference it measured ~1.1-1.4x faster, but ``torch.utils.flop_counter`` does not count the CPU flash
-    kernel, so ``forward_flops`` would lose the attention FLOPs.)"""
+    """Whether the explicit path computes attention on the projection ``qkv``. ``"auto"``: the fused kernel
+    (``F.scaled_dot_product_attention``), except for half-precision training on the CPU. Measured side by side by
+    ``benchmarks/attention_impl.py`` for the study's ViT and ViTBN (17 tokens, 8 heads of 64), fp32, on 2 cores of
+    an AVX2 EPYC: the fused kernel trains 1.45-1.59x and infers 1.08-1.10x as fast as the explicit path, whose
+    per-head strided products copy their operands there; in bf16 training on an AVX512-BF16 CPU it took ~3x the
+    explicit path's time. (``forward_flops`` counts the explicit path: ``torch.utils.flop_counter`` does not see
+    the CPU flash kernel.)"""
     if impl != "auto":
         return impl == "explicit"
-    return qkv.device.type == "cpu"
+    return qkv.device.type == "cpu" and qkv.dtype in _HALF and torch.is_grad_enabled()
 
 
 def attend(
