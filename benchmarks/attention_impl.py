@@ -5,6 +5,7 @@ paired ratio sdpa / explicit (> 1: the fused kernel is faster).
 
     python benchmarks/attention_impl.py [--models vit vitbn] [--precisions fp32] [--modes train infer]
         [--batch 100] [--infer-batch 1000] [--repeats 9] [--min-repeat-s 0.5] [--threads 2] [--device auto]
+        [--markdown PAGE.md]
 
 Both paths compute the same attention (tests/test_models_layers.py checks values and gradients against the
 textbook formula); the ratio printed is measured, side by side, on this machine, and the row "auto" shows what
@@ -19,10 +20,12 @@ import os
 import torch
 
 from vitbn.bench.cases import infer_case, train_case
+from vitbn.bench.report import markdown_page, write_page
 from vitbn.bench.system import device_name
 from vitbn.bench.timing import Case, add_round_arguments, paired_ratio, run_rounds, summarize
 from vitbn.engine.device import resolve_device
 from vitbn.models import create_model
+from vitbn.provenance import command_line, current
 
 IMPLS = ("explicit", "sdpa", "auto")
 
@@ -42,7 +45,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100, help="training batch")
     p.add_argument("--infer-batch", type=int, default=1000)
     add_round_arguments(p, repeats=9)
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as a page under its provenance line")
     args = p.parse_args()
+    made = current(command_line())  # the code and the start of the measurement
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     keys = [(m, mode, prec, impl) for m in args.models for mode in args.modes for prec in args.precisions
@@ -50,14 +55,21 @@ def main() -> None:
     cases = {k: make_case(k[0], k[3], k[1], k[2], args.batch if k[1] == "train" else args.infer_batch, device)
              for k in keys}  # fmt: skip
     run_rounds(list(cases.values()), args)
-    print(f"# {device_name(device)}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
-          f"{device}, train batch {args.batch}, infer batch {args.infer_batch}, {args.repeats} interleaved "
-          "rounds")  # fmt: skip
-    print(f"{'model':<7}{'mode':<7}{'prec':<6}{'attention':<10}{'img/s':>9}{'min':>9}{'max':>9}{'vs explicit':>13}")
+    lines = [
+        f"# {device_name(device)}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+        f"{device}, train batch {args.batch}, infer batch {args.infer_batch}, {args.repeats} interleaved "
+        "rounds",  # fmt: skip
+        f"{'model':<7}{'mode':<7}{'prec':<6}{'attention':<10}{'img/s':>9}{'min':>9}{'max':>9}{'vs explicit':>13}",
+    ]
     for (m, mode, prec, impl), case in cases.items():
         s = summarize(case.samples)
         ratio = paired_ratio(case, cases[(m, mode, prec, "explicit")])
-        print(f"{m:<7}{mode:<7}{prec:<6}{impl:<10}{s['median']:>9.0f}{s['min']:>9.0f}{s['max']:>9.0f}{ratio:>12.3f}x")
+        lines.append(f"{m:<7}{mode:<7}{prec:<6}{impl:<10}{s['median']:>9.0f}{s['min']:>9.0f}{s['max']:>9.0f}"
+                     f"{ratio:>12.3f}x")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        print(f"wrote {write_page(markdown_page('Attention: explicit vs fused', [made.line()], text), args.markdown)}")
 
 
 if __name__ == "__main__":
