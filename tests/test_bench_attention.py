@@ -59,7 +59,7 @@ def test_parallel_branches_take_the_batched_layout(monkeypatch):
 
 
 def test_half_precision_training_takes_the_batched_layout_and_agrees_with_fp32(monkeypatch):
-    model = create_model("vit", **TINY)
+    model = create_model("vit", **TINY, attn_impl="explicit")
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     seen = []
     for name in ("_batched", "_per_head"):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitbn.analysis import figures
 from vitbn.cli import main
@@ -52,7 +53,8 @@ def _eigsh_lambda_max(model, x, y) -> float:
             k = base[n].numel()
             tangent[n] = flat[offset : offset + k].view_as(base[n])
             offset += k
-        _, hv = jvp(grad(loss), (base,), (tangent,))
+        with sdpa_kernel([SDPBackend.MATH]):  # forward-mode AD needs the math kernel (not the CPU flash one)
+            _, hv = jvp(grad(loss), (base,), (tangent,))
         return torch.cat([hv[n].reshape(-1) for n in names]).double().numpy()
 
     size = sum(p.numel() for p in base.values())
