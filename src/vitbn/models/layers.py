@@ -113,7 +113,7 @@ def use_explicit(impl: str, qkv: torch.Tensor) -> bool:
     """Whether the explicit path computes attention on the projection ``qkv``. ``"auto"``: the fused kernel
     (``F.scaled_dot_product_attention``), except for half-precision training on the CPU. Measured side by side by
     ``benchmarks/attention_impl.py`` for the study's ViT and ViTBN (17 tokens, 8 heads of 64), fp32, on 2 cores of
-    an AVX2 EPYC: the fused kernel trains 1.45-1.59x and infers 1.08-1.10x as fast as the explicit path, whose
+    an AVX2 EPYC: the fused kernel trains 1.4-1.6x and infers 1.1x as fast as the explicit path (docs/bench), whose
     per-head strided products copy their operands there; in bf16 training on an AVX512-BF16 CPU it took ~3x the
     explicit path's time. (``forward_flops`` counts the explicit path: ``torch.utils.flop_counter`` does not see
     the CPU flash kernel.)"""
