@@ -160,6 +160,15 @@ def test_flops_sentences():
         "overhead, data handling, the head); on a model time = fixed + c x FLOPs it is about 50% of ViTBN (depth "
         "1)'s epoch."
     ]
+    # the fair study's layout, both models at depths 1 and 6: a shallow model against the deeper ViT, never a deep
+    # BN model against the shallow ViT
+    rows = [("vit", 1, 1.0, 1.0), ("vitbn", 1, 1.0, 1.0), ("vit", 6, 6.0, 6.0), ("vitbn", 6, 6.0, 6.0)]
+    fair = pd.DataFrame([{"setting": "s", "model": m, "depth": d, "label": f"{m}-d{d}", "t_train": t, "flops": f}
+                         for m, d, t, f in rows])  # fmt: skip
+    assert [x.split(";")[0] for x in comparison_sentences(fair)] == [
+        "[s] ViT (depth 1) trains 6.0x faster per epoch than ViT (depth 6)",
+        "[s] ViTBN (depth 1) trains 6.0x faster per epoch than ViT (depth 6)",
+    ]
     # the quick report's figures: 4.9x faster, 5.9x fewer FLOPs is not "the whole ratio"
     quick = flops_sentence({"model": "vitbn", "depth": 1, "t_train": 1.0, "flops": 1.0},
                            {"model": "vit", "depth": 6, "t_train": 4.9, "flops": 5.9})  # fmt: skip

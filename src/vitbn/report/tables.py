@@ -207,9 +207,9 @@ def flops_sentence(row: pd.Series | dict, ref: pd.Series | dict) -> str:
 
 
 def comparison_sentences(table: pd.DataFrame, *, flops_tolerance: float = 0.05) -> list[str]:
-    """A sentence for every model compared with a ViT of another depth or of other FLOPs per image, in the same
-    setting (each ViT present is a reference, so a table with ViTs at depth 1 and 6 also gets the study's
-    depth-1 BN against depth-6 ViT comparison)."""
+    """A sentence for every model compared with a deeper ViT, or a ViT of the same depth and other FLOPs per image,
+    in the same setting (each ViT present is a reference, so a table with ViTs at depth 1 and 6 also gets the
+    study's depth-1 BN against depth-6 ViT comparison, and not the reverse)."""
     out = []
     for setting, rows in table.groupby("setting", sort=False):
         vits = rows[rows["model"] == REFERENCE_MODEL]
@@ -219,9 +219,9 @@ def comparison_sentences(table: pd.DataFrame, *, flops_tolerance: float = 0.05) 
                     continue
                 if row["model"] == REFERENCE_MODEL:
                     wanted = ref["depth"] > row["depth"]  # the depth effect, once per pair of ViTs
-                else:
+                else:  # a shallower model against a deeper ViT (the study's question), or equal depth, other FLOPs
                     flops_differ = abs(math.log(ref["flops"] / row["flops"])) > flops_tolerance
-                    wanted = ref["depth"] != row["depth"] or flops_differ
+                    wanted = ref["depth"] > row["depth"] or (ref["depth"] == row["depth"] and flops_differ)
                 if wanted:
                     out.append(f"[{setting}] {flops_sentence(row, ref)}")
     return list(dict.fromkeys(out))
