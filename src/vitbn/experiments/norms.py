@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitbn.experiments.recipes import load_experiment, provenance, write_report
+from vitbn.provenance import current
 from vitbn.report.tables import format_acc, markdown_table, mean_interval, per_epoch_median
 
 COLLAPSE_ACC = 0.2
@@ -171,6 +172,7 @@ def _figure(table: pd.DataFrame, by_lr: pd.DataFrame, path: Path) -> Path:
 
 def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> NormsReport:
     """The norms tables (Markdown) and figure of the experiment whose parent run is ``key`` (id or name)."""
+    made = current()
     client, parent, runs, configs = load_experiment(key, tracking_uri)
     by_lr = by_lr_table(runs.runs, runs.history)
     table = norms_table(runs.runs, by_lr, folded_throughput(configs))
@@ -180,7 +182,7 @@ def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | Non
     figure = _figure(table, by_lr, out / "norms.png")
     lr_header, lr_cells = _lr_cells(by_lr)
     body = [
-        provenance(runs.runs, "the throughput columns"), "",
+        provenance(made, runs.runs, "the throughput columns"), "",
         markdown_table(HEADER, _cells(table)), "",
         "selected lr: the lr with the best mean validation accuracy over the seeds (a failed seed counts 0); val / "
         "test acc: after the last epoch at that lr, mean ± sample std and the Student-t 95% interval of the mean over "

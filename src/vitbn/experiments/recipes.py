@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitbn.experiments.runs import mlflow_client, resolve_parent
-from vitbn.provenance import current
+from vitbn.provenance import Provenance, current
 from vitbn.report.build import runs_sentence
 from vitbn.report.runs import load_run_set, model_config_from_params
 from vitbn.report.tables import markdown_table, per_epoch_median
@@ -102,11 +102,12 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame, path
     return path
 
 
-def provenance(runs: pd.DataFrame, measured: str = "the latency column", when: str = "measured when this report was "
-               "built") -> str:  # fmt: skip
-    """What made the page (``vitbn.provenance``), where the runs trained (their tags) and that ``measured``
-    (``when``) comes from the page's machine."""
-    return f"{current().line()} {runs_sentence(runs)} The rest, {measured}: {when}, on the page's machine."
+def provenance(made: Provenance, runs: pd.DataFrame, measured: str = "the latency column",
+               when: str = "measured when this report was built") -> str:  # fmt: skip
+    """What made the page (``made``: taken before the page's files are written, so that they do not count as
+    uncommitted changes), where the runs trained (their tags) and that ``measured`` (``when``) comes from the page's
+    machine."""
+    return f"{made.line()} {runs_sentence(runs)} The rest, {measured}: {when}, on the page's machine."
 
 
 def load_experiment(key: str, tracking_uri: str | None = None):
@@ -135,13 +136,14 @@ def write_report(client, parent, out: Path, body: list[str], figure: Path) -> Pa
 
 def build_recipes_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> RecipesReport:
     """The recipes table (Markdown) and figure of the experiment whose parent run is ``key`` (id or name)."""
+    made = current()
     client, parent, runs, configs = load_experiment(key, tracking_uri)
     table = recipes_table(runs.runs, runs.history, batch1_latency(configs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = _figure(table, runs.history, runs.runs, out / "recipes.png")
     body = [
-        provenance(runs.runs), "",
+        provenance(made, runs.runs), "",
         markdown_table(HEADER, _cells(table, configs)), "",
         "final/best acc: test accuracy after the last epoch / best over epochs (mean over seeds); T: median seconds "
         "per epoch (epoch 1 excluded when there are more than 2); latency: one eval-mode forward pass of a single "

@@ -20,6 +20,7 @@ import pandas as pd
 from vitbn.analysis.run import RESULT_NAME, AnalyzeOptions
 from vitbn.errors import UserError
 from vitbn.experiments.recipes import load_experiment, provenance, write_report
+from vitbn.provenance import current
 from vitbn.report.tables import markdown_table, per_epoch_median
 
 # The analysis budget of the CPU preset (about 4-6 minutes a model on one core) and of ``--full``.
@@ -161,6 +162,7 @@ def build_sam_report(
 ) -> SamReport:
     """Analyses every model of the experiment whose parent run is ``key`` (id or name) that has no analysis with
     ``options`` yet, then writes the table (Markdown) and the attention figure into ``out_dir``."""
+    made = current()
     client, parent, runs, _ = load_experiment(key, tracking_uri)
     analyses, names, folders = {}, {}, {}
     for run_id in runs.runs["run_id"]:
@@ -179,7 +181,7 @@ def build_sam_report(
               f"{o.block_max_iter or o.max_iter} --tol {o.tol:g} --landscape-points {o.landscape_points}, BN "
               f"{o.bn_mode} mode")  # fmt: skip
     body = [
-        provenance(runs.runs, f"the analysis columns ({budget})",
+        provenance(made, runs.runs, f"the analysis columns ({budget})",
                    "computed by the first report that needed them (later reports read them back from analysis/)"),
         "",
         markdown_table(HEADER, _cells(table)), "",
