@@ -72,17 +72,19 @@ def test_mean_interval_is_the_student_t_interval():
 def test_lr_is_chosen_on_validation_and_test_reported_for_the_choice():
     table = selection_table(sweep_runs().runs).set_index("label")
     vit, bn = table.loc["vit-d1"], table.loc["vitbn-d1"]
-    # ViT: 5e-4 mean val 0.955 (2 seeds), 5e-3 0.970 (1 finished, 1 diverged) -> 5e-3, test of its one seed
+    # ViT: 5e-4 mean val 0.955 (2 seeds); 5e-3 0.970 on its finished seed, but one seed diverged: 0.485 in the
+    # choice, so 5e-4, and the test accuracy of its two seeds
     assert vit["val_0.0005"] == pytest.approx(0.955) and vit["val_0.005"] == pytest.approx(0.970)
-    assert vit["diverged_0.005"] == 1 and vit["chosen_lr"] == 5e-3 and vit["seeds"] == 1
-    assert vit["test_mean"] == pytest.approx(0.962) and math.isnan(vit["test_std"])
+    assert vit["diverged_0.005"] == 1 and vit["chosen_lr"] == 5e-4 and vit["seeds"] == 2
+    assert vit["test_mean"] == pytest.approx(0.942)
     # ViTBN: 5e-4 mean val 0.981 > 5e-3's 0.980, although 5e-3 has the better test accuracy: validation decides
     assert bn["chosen_lr"] == 5e-4 and bn["test_mean"] == pytest.approx(0.977)
     assert (bn["test_lo"], bn["test_hi"]) == pytest.approx(mean_interval([0.975, 0.979])[2:])
     header, cells = selection_cells(selection_table(sweep_runs().runs))
     assert header == ["model", "depth", "val acc, lr 0.0005", "val acc, lr 0.005", "chosen lr", "seeds",
                       "test acc at chosen lr"]  # fmt: skip
-    assert cells[0] == ["ViT", "1", "95.50%", "97.00% (1 diverged)", "0.005", "1", "96.20%"]
+    assert cells[0][:6] == ["ViT", "1", "95.50%", "97.00% (1 diverged)", "0.0005", "2"]
+    assert cells[0][6].startswith("94.20% ± 0.28 (95% CI ")
     assert cells[1][4:6] == ["0.0005", "2"] and cells[1][6].startswith("97.70% ± 0.28 (95% CI ")
 
 

@@ -168,8 +168,9 @@ def _selection_blocks(runs: RunSet) -> list[Block]:
         return []
     header, cells = selection_cells(table)
     text = (
-        "Per model, the learning rate with the highest mean final validation accuracy over its finished seeds, "
-        "and the test accuracy of the runs at that rate: mean ± sample std and the Student-t 95% interval of the "
+        "Per model, the learning rate with the highest mean final validation accuracy over its seeds (a diverged "
+        "or unfinished seed counts 0 in the choice; the val acc columns average the finished ones), and the test "
+        "accuracy of the finished runs at that rate: mean ± sample std and the Student-t 95% interval of the "
         "mean over seeds (wide with few seeds). The test set plays no part in the choice."
     )
     return [("h2", "Learning rate chosen on validation"), ("table", header, cells), ("p", text)]

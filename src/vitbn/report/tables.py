@@ -263,7 +263,7 @@ def _reach(row: dict, col: str) -> str:
 
 
 def format_acc(mean: float, std: float, lo: float, hi: float, n: int) -> str:
-    """``"97.80% ± 0.99 (95% CI 88.91-106.69)"`` in percent: mean ± sample std and the t-interval of the mean, for
+    """``"97.80% ± 0.99 (95% CI 88.91-100.00)"`` in percent: mean ± sample std and the t-interval of the mean, for
     more than one run (the interval cut to [0, 100%]); the mean alone for one; "-" for none."""
     if n == 0 or math.isnan(mean):
         return "-"
@@ -314,8 +314,9 @@ def markdown_table(header: list[str], cells: list[list[str]]) -> str:
 def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The learning rate chosen on the validation split, per model: one row per (model, depth) of the sweep with
     ``val_<lr>`` (mean final validation accuracy of the finished runs at that lr; NaN when none finished),
-    ``diverged_<lr>``, the ``chosen_lr`` (highest mean validation accuracy) and the test accuracy at that lr over
-    its seeds (``test_mean``, ``test_std``, ``test_lo``, ``test_hi``, ``seeds``). Empty when the runs have no
+    ``diverged_<lr>``, the ``chosen_lr`` (highest mean validation accuracy over all its runs, a diverged or
+    unfinished run counting 0, so an lr that fails for a seed is rarely chosen) and the test accuracy at that lr over
+    its finished seeds (``test_mean``, ``test_std``, ``test_lo``, ``test_hi``, ``seeds``). Empty when the runs have no
     validation accuracy (no validation split) or sweep a single lr."""
     sweep = runs[runs["phase"] == "sweep"] if "phase" in runs else runs
     if sweep.empty or "val_acc" not in sweep or sweep["val_acc"].isna().all() or sweep["lr"].nunique() < 2:
@@ -325,16 +326,17 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, depth), group in sweep.groupby(["model", "depth"], sort=False):
         row: dict = {"model": model, "depth": int(depth), "label": group["label"].iloc[0]}
-        means = {}
+        score = {}
         for lr in lrs:
             at = group[group["lr"] == lr]
-            done = at[status[at.index] == "finished"]
-            row[f"val_{lr:g}"] = means[lr] = done["val_acc"].mean() if len(done) else math.nan
+            ok = status[at.index] == "finished"
+            row[f"val_{lr:g}"] = at["val_acc"][ok].mean() if ok.any() else math.nan
             row[f"diverged_{lr:g}"] = int((status[at.index] == "diverged").sum())
-        finite = {lr: v for lr, v in means.items() if not math.isnan(v)}
-        chosen = max(finite, key=finite.get) if finite else math.nan
+            if ok.any():
+                score[lr] = float(at["val_acc"].where(ok, 0.0).fillna(0.0).mean())
+        chosen = max(score, key=score.get) if score else math.nan
         row["chosen_lr"] = chosen
-        done = group[(group["lr"] == chosen) & (status[group.index] == "finished")] if finite else group.iloc[:0]
+        done = group[(group["lr"] == chosen) & (status[group.index] == "finished")] if score else group.iloc[:0]
         row["test_mean"], row["test_std"], row["test_lo"], row["test_hi"] = mean_interval(done["final_acc"])
         row["seeds"] = int(done["seed"].nunique())
         rows.append(row)
