@@ -87,7 +87,7 @@ def test_fit_reports_the_numbers_of_a_manual_loop(tmp_path, data):
     assert int(run.params["model.num_params"]) == sum(p.numel() for p in model.parameters())
     assert int(run.params["model.flops_per_image"]) > 0
     assert run.status == "FINISHED" and run.tags["vitbn.status"] == "finished"
-    assert {p.name for p, _ in run.artifacts} == {"config.yaml", "history.json", "history.csv", "model.pt"}
+    assert {p.name for p, _ in run.artifacts} == {"config.yaml", "history.json", "history.csv", "model.pt", "best.pt"}
 
 
 def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path, data):

@@ -26,6 +26,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUGMENT_LEVELS = ("none", "light", "medium", "heavy")
+RANDAUG_MAX_MAGNITUDE = 30  # torchvision's scale: magnitude 30 is each op's largest change
 
 
 def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -270,6 +272,7 @@ class DataConfig:
     root: str | None = None  # None: $VITBN_DATA, else ~/.cache/vitbn
     download: bool = True
     val_size: int = 0  # images carved (seeded) from the training set for validation; 0: none
+    val_fraction: float | None = None  # instead of val_size: this fraction of each class (stratified, seeded)
     split_seed: int = 0
     test_every_epoch: bool = True  # the study's practice; False: the test set is evaluated once, at the end
     train_subset: int | None = None  # keep the first N training images (quick runs, tests)
@@ -277,6 +280,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _non_negative("val_size", self.val_size)
+        if self.val_fraction is not None:
+            if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction <= 0.5):
+                raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 0.5]")
+            if self.val_size:
+                raise ValueError(
+                    f"val_size={self.val_size} and val_fraction={self.val_fraction} both set: give one of them"
+                )
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -315,6 +325,8 @@ class TrainConfig:
     # Sharpness-aware minimization around the optimizer: radius rho (None: off; 0.05 is SAM's usual value).
     sam_rho: float | None = None
     sam_adaptive: bool = False  # ASAM: the perturbation scaled element-wise by |w| (needs sam_rho)
+    # Model selection on the validation split: best.pt keeps the epoch of highest val accuracy beside the last.
+    early_stopping: int | None = None  # stop after this many epochs without a better val accuracy; None: off
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -342,6 +354,61 @@ class TrainConfig:
             raise ValueError(f"sam_rho={self.sam_rho!r} must be > 0, or null for no SAM")
         if self.sam_adaptive and self.sam_rho is None:
             raise ValueError("sam_adaptive=True (ASAM) needs sam_rho, the radius of the perturbation")
+        if self.early_stopping is not None:
+            _positive("early_stopping", self.early_stopping)
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of batched tensors on the training device (Steiner et al. 2021, AugReg).
+
+    Off by default (the study trains without augmentation). ``AugmentConfig.from_level`` gives the named levels
+    (``vitbn.data.augment.LEVELS``). There are no flips: they change what a digit or a character is.
+    """
+
+    level: str = "none"  # the named level these settings came from, or "custom"; informational
+    crop_padding: int = 0  # random translation by up to this many pixels, zero fill (pad-and-crop)
+    rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees
+    randaug_ops: int = 0  # RandAugment: ops applied per image (0: off)
+    randaug_magnitude: int = 9  # RandAugment magnitude, 0..30
+    mixup_alpha: float = 0.0  # Mixup's Beta(alpha, alpha); 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed (when Mixup or CutMix is on)
+    seed: int = 0  # the augmentation's random stream, with the epoch (reproducible after a resume)
+
+    def __post_init__(self) -> None:
+        _choice("level", self.level, (*AUGMENT_LEVELS, "custom"))
+        if not isinstance(self.crop_padding, int) or isinstance(self.crop_padding, bool) or self.crop_padding < 0:
+            raise ValueError(f"crop_padding={self.crop_padding!r} must be an integer >= 0")
+        if not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"rotate={self.rotate!r} must be in [0, 180] degrees")
+        if not isinstance(self.randaug_ops, int) or self.randaug_ops < 0:
+            raise ValueError(f"randaug_ops={self.randaug_ops!r} must be an integer >= 0")
+        if not 0 <= self.randaug_magnitude <= RANDAUG_MAX_MAGNITUDE:
+            raise ValueError(f"randaug_magnitude={self.randaug_magnitude!r} must be in [0, {RANDAUG_MAX_MAGNITUDE}]")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            _non_negative(name, getattr(self, name))
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise ValueError(f"mix_prob={self.mix_prob!r} must be in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.rotate or self.randaug_ops or self.mixup_alpha or self.cutmix_alpha)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether targets become soft (Mixup or CutMix)."""
+        return bool((self.mixup_alpha or self.cutmix_alpha) and self.mix_prob > 0)
+
+    @classmethod
+    def from_level(cls, level: str, **overrides: Any) -> AugmentConfig:
+        """A named level (``none``, ``light``, ``medium``, ``heavy``) with fields overridden."""
+        from vitbn.data.augment import LEVELS
+
+        _choice("augment level", level, AUGMENT_LEVELS)
+        made = cls(**{**LEVELS[level], **overrides, "level": "custom"})
+        plain = cls(**{**LEVELS[level], "seed": made.seed, "level": "custom"})
+        return dataclasses.replace(made, level=level) if made == plain else made
 
 
 @dataclass
@@ -385,6 +452,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     hpo: HPOConfig = field(default_factory=HPOConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -395,7 +463,8 @@ class RunConfig:
         data = dict(data or {})
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: model, data, train, track, hpo")
+            sections = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: {sections}")
         model = dict(data.get("model") or {})
         name = model.pop("name", None)
         if name not in (None, "custom"):
@@ -412,7 +481,23 @@ class RunConfig:
             train=from_dict(TrainConfig, data.get("train") or {}),
             track=from_dict(TrackConfig, data.get("track") or {}),
             hpo=from_dict(HPOConfig, data.get("hpo") or {}),
+            augment=_augment_from_dict(data.get("augment") or {}),
         )
+
+
+def _augment_from_dict(data: dict[str, Any]) -> AugmentConfig:
+    """``augment:`` of a config: a named ``level`` (default none) with the given fields over its settings."""
+    data = dict(data)
+    level = data.pop("level", "none")
+    if level == "none" and not data:
+        return AugmentConfig()
+    if level == "custom":
+        return from_dict(AugmentConfig, data)
+    names = {f.name for f in dataclasses.fields(AugmentConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown AugmentConfig field(s) {unknown}; allowed: {', '.join(sorted(names))}")
+    return AugmentConfig.from_level(level, **data)
 
 
 T = TypeVar("T")

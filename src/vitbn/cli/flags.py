@@ -13,6 +13,7 @@ from typing import Any
 
 from vitbn.config import (
     ATTN_IMPLS,
+    AUGMENT_LEVELS,
     BN_STATS,
     DEVICES,
     NORMS,
@@ -29,7 +30,7 @@ from vitbn.config import (
 class Flag:
     """A command-line flag for one config field."""
 
-    section: str  # "model" | "data" | "train" | "track"
+    section: str  # "model" | "data" | "train" | "track" | "augment"
     field: str
     kwargs: dict
 
@@ -102,6 +103,8 @@ RUN_FLAGS: dict[str, Flag] = {
     "--dataset": Flag("data", "dataset", dict(help="mnist, a registered dataset, npz:PATH or folder:PATH")),
     "--data-root": Flag("data", "root", dict(help="folder holding <dataset>/ (default $VITBN_DATA)")),
     "--val-size": Flag("data", "val_size", dict(type=int, help="training images held out for validation")),
+    "--val-fraction": Flag("data", "val_fraction", dict(type=float, help="fraction of each class held out for "
+                           "validation (stratified, seeded by the split seed), in (0, 0.5]")),
     "--train-subset": Flag("data", "train_subset", dict(type=int, help="use the first N training images")),
     "--test-subset": Flag("data", "test_subset", dict(type=int, help="use the first N test images")),
     "--epochs": Flag("train", "epochs", dict(type=int)),
@@ -130,6 +133,18 @@ RUN_FLAGS: dict[str, Flag] = {
                       "perturbation (e.g. 0.05; each step runs two forward/backward passes)")),
     "--asam": Flag("train", "sam_adaptive", dict(action=_BOOL, help="ASAM: perturbation scaled by |w| (with "
                    "--sam-rho)")),
+    "--early-stopping": Flag("train", "early_stopping", dict(type=int, metavar="PATIENCE", help="stop after "
+                             "PATIENCE epochs without a better val accuracy (best.pt keeps the best epoch)")),
+    "--augment": Flag("augment", "level", dict(choices=AUGMENT_LEVELS, help="AugReg level: none (the study's), "
+                      "light, medium, heavy; the flags below override its settings")),
+    "--crop-padding": Flag("augment", "crop_padding", dict(type=int, help="random translation up to N pixels")),
+    "--rotate": Flag("augment", "rotate", dict(type=float, help="random rotation up to this many degrees")),
+    "--randaug-ops": Flag("augment", "randaug_ops", dict(type=int, help="RandAugment: ops per image (0: off)")),
+    "--randaug-magnitude": Flag("augment", "randaug_magnitude", dict(type=int, help="RandAugment magnitude, "
+                                "0..30")),
+    "--mixup": Flag("augment", "mixup_alpha", dict(type=float, help="Mixup alpha (0: off)")),
+    "--cutmix": Flag("augment", "cutmix_alpha", dict(type=float, help="CutMix alpha (0: off)")),
+    "--mix-prob": Flag("augment", "mix_prob", dict(type=float, help="probability that a batch is mixed")),
     "--out-dir": Flag("train", "out_dir", dict(help="checkpoints and models go to OUT_DIR/RUN_NAME (default runs)")),
     "--resume": Flag("train", "resume", dict(action="store_true", default=None, help="continue RUN_NAME's run")),
     "--tracking-uri": Flag("track", "tracking_uri", dict(help="MLflow URI (default: $MLFLOW_TRACKING_URI, sqlite)")),

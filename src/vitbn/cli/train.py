@@ -11,7 +11,7 @@ from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, add_flags, dest, given
 from vitbn.config import DEVICES, PRECISIONS, RunConfig, load_yaml
 from vitbn.errors import UserError
 
-SECTIONS = ("model", "data", "train", "track", "hpo")
+SECTIONS = ("model", "data", "train", "track", "hpo", "augment")
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
@@ -21,7 +21,7 @@ FLAGS = {**MODEL_FLAGS, **RUN_FLAGS}
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train one model (flags and/or --config FILE.yaml)")
-    train.add_argument("--config", metavar="FILE", help="YAML with sections model/data/train/track/hpo")
+    train.add_argument("--config", metavar="FILE", help="YAML with sections model/data/train/track/hpo/augment")
     add_flags(train.add_argument_group("model (see `vitbn models`)"), MODEL_FLAGS)
     add_flags(train.add_argument_group("data, training, tracking"), RUN_FLAGS)
     train.add_argument("--no-track", action="store_true", help="no MLflow (metrics stay in memory and the run folder)")

@@ -1,6 +1,6 @@
 """Datasets in memory: IDX reader, registry with verified downloads, local npz/folder/digits, in-memory loader."""
 
-from vitbn.data.base import Dataset, PreparedData, Split, channel_stats, split_validation
+from vitbn.data.base import Dataset, PreparedData, Split, channel_stats, split_stratified, split_validation
 from vitbn.data.datasets import (
     REGISTRY,
     IDXDataset,
@@ -31,6 +31,7 @@ __all__ = [
     "prepare_data",
     "read_idx",
     "register_dataset",
+    "split_stratified",
     "split_validation",
     "write_idx",
 ]

@@ -152,3 +152,39 @@ def split_validation(split: Split, val_size: int, seed: int) -> tuple[Split, Spl
     val_index, _ = perm[:val_size].sort()
     train_index, _ = perm[val_size:].sort()
     return split.select(train_index), split.select(val_index)
+
+
+def split_stratified(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Holds out ``round(fraction * n_k)`` images of each class k (seeded) for validation.
+
+    The class proportions of the validation split equal those of the training split up to rounding, and both
+    parts keep the original order of their images.
+
+    Args:
+        split: The training split.
+        fraction: Per-class fraction for validation, in (0, 0.5].
+        seed: Seeds the choice within each class.
+
+    Returns:
+        ``(train, val)``.
+
+    Raises:
+        UserError: ``fraction`` is outside (0, 0.5] or leaves a class without validation images.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise UserError(f"val_fraction={fraction!r} must be in (0, 0.5]")
+    generator = torch.Generator().manual_seed(seed)
+    labels = split.labels
+    chosen = []
+    for k in torch.unique(labels).tolist():
+        members = (labels == k).nonzero().flatten()  # (n_k,) indices of class k, in order
+        take = round(fraction * len(members))
+        if take == 0:
+            raise UserError(
+                f"val_fraction={fraction} holds out no image of class {k} ({len(members)} image(s)); "
+                "use a larger fraction or more training images"
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[torch.cat(chosen)] = True
+    return split.select(torch.nonzero(~is_val).flatten()), split.select(torch.nonzero(is_val).flatten())

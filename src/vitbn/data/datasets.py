@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 
 from vitbn.config import DataConfig
-from vitbn.data.base import Dataset, PreparedData, Split, channel_stats, check_labels, split_validation
+from vitbn.data.base import (
+    Dataset,
+    PreparedData,
+    Split,
+    channel_stats,
+    check_labels,
+    split_stratified,
+    split_validation,
+)
 from vitbn.data.download import RemoteFile, ensure_files
 from vitbn.data.idx import read_idx
 from vitbn.data.local import load_digits_dataset, load_folder, load_npz
@@ -200,10 +208,13 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Tru
 
 def prepare_data(cfg: DataConfig) -> PreparedData:
     """The splits a run uses: the first ``train_subset`` / ``test_subset`` images (all if None or larger), then
-    ``val_size`` training images carved out (seeded by ``split_seed``) for validation; the test set stays apart."""
+    ``val_size`` training images (or ``val_fraction`` of each class) carved out, seeded by ``split_seed``, for
+    validation; the test set stays apart."""
     info = load_dataset(cfg.dataset, cfg.root, cfg.download)
     train, test = info.train.head(cfg.train_subset), info.test.head(cfg.test_subset)
     val = None
-    if cfg.val_size:
+    if cfg.val_fraction:
+        train, val = split_stratified(train, cfg.val_fraction, cfg.split_seed)
+    elif cfg.val_size:
         train, val = split_validation(train, cfg.val_size, cfg.split_seed)
     return PreparedData(train=train, val=val, test=test, info=info)

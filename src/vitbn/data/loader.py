@@ -4,12 +4,13 @@ The images are moved to the device once. An epoch is a permutation drawn from a 
 ``(seed, epoch)``, so any epoch's order can be reproduced (``set_epoch``) after a restart. A batch is one
 ``index_select`` on the device tensor and one fused multiply-add, ``x * scale + shift`` with
 ``scale = 1 / (255 std)`` and ``shift = -mean / std`` per channel, which equals ``(x / 255 - mean) / std``.
-There is no per-sample Python in the loop.
+There is no per-sample Python in the loop. An ``augment`` callable (``vitbn.data.augment.Augmenter``) works on
+the batch in [0, 1] before the normalization, on the same device, inside the timed epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ class InMemoryLoader:
         dtype: The floating type of x.
         drop_last: Drop the last batch if it is smaller than ``batch_size``.
         max_batches: Stop an epoch after this many batches (smoke runs, tests).
+        augment: ``(images in [0, 1], labels) -> (images, targets)`` applied to every batch, with a
+            ``set_epoch(epoch)`` that ``set_epoch`` calls; targets may be soft (B, K) rows (Mixup, CutMix).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class InMemoryLoader:
         dtype: torch.dtype = torch.float32,
         drop_last: bool = False,
         max_batches: int | None = None,
+        augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -82,11 +86,13 @@ class InMemoryLoader:
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.dtype, self.drop_last, self.max_batches = dtype, drop_last, max_batches
+        self.augment = augment
         # Half types: compute in float32 and round once, so the error is one rounding of the final value.
         self._compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         shape = (1, channels, 1, 1)
         self._scale = (1.0 / (255.0 * std64)).reshape(shape).to(self.device, self._compute_dtype)
         self._shift = (-mean64 / std64).reshape(shape).to(self.device, self._compute_dtype)
+        self._scale01 = (1.0 / std64).reshape(shape).to(self.device, self._compute_dtype)  # for [0, 1] input
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -94,6 +100,8 @@ class InMemoryLoader:
         if epoch < 0:
             raise ValueError(f"epoch={epoch} must be >= 0")
         self.epoch = epoch
+        if self.augment is not None and hasattr(self.augment, "set_epoch"):
+            self.augment.set_epoch(epoch)
 
     def __len__(self) -> int:
         """The number of batches an epoch yields."""
@@ -120,6 +128,12 @@ class InMemoryLoader:
         x = torch.addcmul(self._shift, images.to(self._compute_dtype), self._scale)
         return x if x.dtype == self.dtype else x.to(self.dtype)
 
+    def augmented(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) uint8 -> ``augment`` in [0, 1] -> normalized ``dtype``, with the augment's targets."""
+        x01, targets = self.augment(images.to(self._compute_dtype) / 255.0, labels)
+        x = torch.addcmul(self._shift, x01, self._scale01)
+        return (x if x.dtype == self.dtype else x.to(self.dtype)), targets
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = self.order()
         if perm is not None:
@@ -132,4 +146,4 @@ class InMemoryLoader:
             else:
                 index = perm[start:stop]
                 images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
-            yield self.normalize(images), labels
+            yield self.augmented(images, labels) if self.augment is not None else (self.normalize(images), labels)

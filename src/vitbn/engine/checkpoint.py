@@ -143,17 +143,20 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def export_model(model: nn.Module, path: str | Path, data: Any = None) -> Path:
+def export_model(model: nn.Module, path: str | Path, data: Any = None, meta: dict | None = None) -> Path:
     """Writes ``{"config", "state_dict", "vitbn_version", "data"}`` (tensors on CPU) atomically; ``load_model``
     reads it. ``data`` (a ``Dataset`` or ``PreparedData``) records what the model's input is: the dataset's name,
     class names and the per-channel mean/std the images were normalized with, so that a model file alone is
-    enough to predict (``load_inference``)."""
+    enough to predict (``load_inference``). ``meta`` (plain values) is stored under ``"meta"``, e.g. the epoch
+    and validation accuracy of a run's best model."""
     from vitbn import __version__
     from vitbn.config import to_dict
 
     model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     saved = {"config": to_dict(model.config), "state_dict": state, "vitbn_version": __version__}
+    if meta:
+        saved["meta"] = dict(meta)
     if data is not None:
         info = getattr(data, "info", data)
         saved["data"] = InputSpec(info.name, tuple(info.classes), tuple(info.mean), tuple(info.std)).to_dict()

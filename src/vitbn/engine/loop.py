@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitbn.config import RunConfig, save_yaml
+from vitbn.config import RunConfig
 from vitbn.engine.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_NAME,
@@ -20,6 +20,7 @@ from vitbn.engine.checkpoint import (
     deferred_interrupt,
     export_model,
     load_checkpoint,
+    load_model,
     restore_state,
     rng_state,
     set_rng_state,
@@ -41,26 +42,25 @@ from vitbn.engine.evaluate import evaluate
 from vitbn.engine.history import write_history
 from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler
 from vitbn.engine.progress import Progress
+from vitbn.engine.runlog import close_tracking, start_tracking
 from vitbn.engine.sam import SAM
+from vitbn.engine.selection import BEST_NAME, Selection
 from vitbn.engine.setup import (
     changed_settings,
     check_data_fits_model,
     check_sync_bn,
     default_run_name,
     make_loaders,
-    run_params,
 )
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
 from vitbn.errors import UserError
 from vitbn.tracking import MemoryTracker, Tracker, make_tracker
-from vitbn.tracking.env import environment_tags
 
 __all__ = ["FINITE_CHECK_EVERY", "FitResult", "fit", "resolve_device"]
 
 # Steps between checks of the running loss sum for NaN/inf: one host-device sync per this many steps.
 FINITE_CHECK_EVERY = 50
-_END_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "killed": "KILLED", "failed": "FAILED"}
 
 
 @dataclass
@@ -144,7 +144,7 @@ class _Run:
         self.config = dataclasses.replace(config, model=model.config)
         check_data_fits_model(model.config, data.info)
         check_sync_bn(tc, model.config)
-        self.loaders = make_loaders(data, tc, self.device, info)
+        self.loaders = make_loaders(data, tc, self.device, info, config.augment)
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, len(self.loaders.train))
         self.loss_fn = make_loss(tc.label_smoothing)
@@ -159,6 +159,9 @@ class _Run:
         self.history: list[dict] = []
         self.start_epoch, self.run_id, self._rng, self._started = 0, None, None, False
         self._load_checkpoint()  # every rank loads the same checkpoint
+        self.selection = Selection.from_history(self.history, tc.early_stopping)
+        if tc.early_stopping and data.val is None:
+            raise UserError("early_stopping needs a validation split: set data.val_size or data.val_fraction")
         self._wrap(tc.sync_bn, tc.compile)
 
     def _set_lambda(self, steps_done: int) -> None:
@@ -199,7 +202,7 @@ class _Run:
 
     def fit(self, parent_run_id: str | None, on_epoch: Callable[[dict], None] | None) -> FitResult:
         try:
-            self._start_tracking(parent_run_id)
+            start_tracking(self, parent_run_id)
             if self._rng is not None:  # resume: continue the random streams where the checkpoint left them
                 set_rng_state(self._rng)
             status = self._loop(on_epoch)
@@ -210,29 +213,12 @@ class _Run:
                 raise
         except BaseException:
             if self._started:
-                self._close("failed", quiet=True)
+                close_tracking(self, "failed", quiet=True)
             raise
         finally:
             self.progress.close()
-        self._close(status)
+        close_tracking(self, status)
         return FitResult(status, self.history, final, self.model, self.run_id, self.out_dir)
-
-    def _start_tracking(self, parent_run_id: str | None) -> None:
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.config.to_dict(), self.out_dir / "config.yaml")
-        tags = {**environment_tags(str(self.device), torch.get_num_threads()), "vitbn.status": "running"}
-        tags.update({"dist.world_size": self.info.world_size, "dist.backend": self.info.backend or "none"})
-        if self.start_epoch:
-            tags["vitbn.resumed_from_epoch"] = self.start_epoch
-        self.run_id = self.tracker.start_run(self.run_name, parent_id=parent_run_id, tags=tags, run_id=self.run_id)
-        if self.info.distributed:
-            self.run_id = from_main(self.run_id)  # rank 0's MLflow run, also in the other ranks' results
-        self._started = True
-        params = run_params(self.config, self.model)
-        if self.prepbn is not None:  # the resolved defaults of the ramp
-            params.update({"prepbn.warmup_steps": self.prepbn.ramp.warmup, "prepbn.end_step": self.prepbn.ramp.end})
-        self.tracker.log_params(params)
 
     def _loop(self, on_epoch: Callable[[dict], None] | None) -> str:
         for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
@@ -241,9 +227,14 @@ class _Run:
                 self._record(record, checkpoint=False)
                 return "diverged"
             record.update(self._evaluate_epoch(epoch))
-            self._record(record, checkpoint=True)
+            self._record(record, checkpoint=True, best=self.selection.update(record))
             if on_epoch is not None:
                 on_epoch(record)
+            if self.selection.should_stop:
+                self.progress.message(f"early stop after epoch {epoch}: no better val accuracy since epoch "
+                                      f"{self.selection.best_epoch}")  # fmt: skip
+                self.tracker.set_tags({"vitbn.stopped_early": epoch})
+                break
         return "finished"
 
     def _train_epoch(self, epoch: int) -> dict:
@@ -332,13 +323,15 @@ class _Run:
         record[f"time/{split}_epoch_s"] = result["seconds"]
         return result["seconds"]
 
-    def _record(self, record: dict, *, checkpoint: bool) -> None:
-        """Logs an epoch and writes its checkpoint; Ctrl-C waits until both are done."""
+    def _record(self, record: dict, *, checkpoint: bool, best: bool = False) -> None:
+        """Logs an epoch and writes its checkpoint (and ``best.pt`` if ``best``); Ctrl-C waits until done."""
         with deferred_interrupt():
             self.history.append(record)
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
             if self.info.is_main:
                 write_history(self.history, self.out_dir)
+                if best:
+                    export_model(self.model, self.out_dir / BEST_NAME, self.data, meta=self.selection.metrics())
                 if checkpoint:
                     atomic_save(self._checkpoint_state(record["epoch"]), self.out_dir / CHECKPOINT_NAME)
         self.progress.end_epoch(record)
@@ -367,27 +360,31 @@ class _Run:
         final = self._last_metrics()
         if status != "finished":
             return final
+        step = self.history[-1]["epoch"] if self.history else 0
         if not self.config.data.test_every_epoch:
             record: dict = {}
             self._log_split(record, "test", self.loaders.test)
-            self.tracker.log_metrics(record, step=self.history[-1]["epoch"] if self.history else 0)
+            self.tracker.log_metrics(record, step=step)
             final.update({k: v for k, v in record.items() if k.startswith("test/")})
+        if self.selection.best_epoch is not None:
+            best = {**self.selection.metrics(), "best/test_acc": self._best_test_acc(final)}
+            self.tracker.log_metrics(best, step=step)
+            final.update(best)
         if self.info.is_main:
             export_model(self.model, self.out_dir / MODEL_NAME, self.data)
         return final
 
-    def _close(self, status: str, quiet: bool = False) -> None:
-        """Logs the run's files, tags its status and ends it (FINISHED, FAILED or KILLED)."""
-        with deferred_interrupt():
-            try:
-                if self.info.is_main:
-                    files = [self.out_dir / "config.yaml", *write_history(self.history, self.out_dir)]
-                    for path in files:
-                        self.tracker.log_artifact(path)
-                    if status == "finished":
-                        self.tracker.log_artifact(self.out_dir / MODEL_NAME, "model")
-                self.tracker.set_tags({"vitbn.status": status})
-                self.tracker.end_run(_END_STATUS[status])
-            except Exception:
-                if not quiet:
-                    raise
+    def _best_test_acc(self, final: dict) -> float:
+        """The test accuracy of the epoch that validation chose: from its record, from the last evaluation, or
+        evaluated now with the best epoch's weights (then the last weights are put back)."""
+        best = self.selection.best_epoch
+        if self.config.data.test_every_epoch:
+            return next(r["test/acc"] for r in self.history if r["epoch"] == best)
+        if best == self.history[-1]["epoch"]:
+            return final["test/acc"]
+        last = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(load_model(self.out_dir / BEST_NAME).state_dict())
+        try:
+            return self._evaluate(self.loaders.test)["acc"]
+        finally:
+            self.model.load_state_dict(last)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitbn.config import ModelConfig, RunConfig, TrainConfig, flatten, pair
+from vitbn.config import AugmentConfig, ModelConfig, RunConfig, TrainConfig, flatten, pair
 from vitbn.engine.distributed import DistInfo, RankLoader, eval_share
 from vitbn.errors import UserError
 
@@ -28,16 +28,24 @@ class Loaders:
     bn: object
 
 
-def make_loaders(data, tc: TrainConfig, device: torch.device, info: DistInfo | None = None) -> Loaders:
+def make_loaders(
+    data, tc: TrainConfig, device: torch.device, info: DistInfo | None = None, augment: AugmentConfig | None = None
+) -> Loaders:
     """InMemoryLoaders over ``data`` (a ``vitbn.data.PreparedData``) on ``device``; in a distributed run
     (``info``), this rank's part of each global batch (``RankLoader``) and its share of the evaluation
-    splits."""
+    splits. ``augment`` (when it is on) transforms the training batches only: evaluation and the precise-BN
+    batches see the images as they are."""
     from vitbn.data import InMemoryLoader
 
     rank, world = (info.rank, info.world_size) if info is not None and info.distributed else (0, 1)
     common = dict(mean=data.info.mean, std=data.info.std, device=device)
+    augmenter = None
+    if augment is not None and augment.enabled:
+        from vitbn.data.augment import Augmenter
+
+        augmenter = Augmenter(augment, num_classes=len(data.info.classes), seed=tc.seed + 1000 * rank)
     train = InMemoryLoader(data.train, batch_size=tc.batch_size, shuffle=True, seed=tc.seed,
-                           max_batches=tc.max_steps_per_epoch, **common)  # fmt: skip
+                           max_batches=tc.max_steps_per_epoch, augment=augmenter, **common)  # fmt: skip
     bn = InMemoryLoader(data.train, batch_size=tc.batch_size, shuffle=True, seed=tc.seed + 1,
                         max_batches=tc.precise_bn_batches, **common)  # fmt: skip
     if world > 1:

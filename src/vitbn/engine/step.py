@@ -16,7 +16,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Mean cross-entropy over the batch, computed in fp32 whatever the autocast dtype of the logits."""
+    """Mean cross-entropy over the batch, computed in fp32 whatever the autocast dtype of the logits. The target
+    is (B,) class indices or (B, K) class probabilities (Mixup, CutMix); label smoothing applies to both."""
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
@@ -46,7 +47,8 @@ def train_step(
     Args:
         model: in training mode.
         x: (B, C, H, W) images.
-        y: (B,) int64 labels.
+        y: (B,) int64 labels, or (B, K) soft targets (mixed images; a hit is the top prediction matching the
+            target's largest class).
         optimizer: updated in place.
         loss_fn: ``(logits, y) -> scalar``.
         amp: autocast and, for fp16, the GradScaler.
@@ -70,7 +72,8 @@ def train_step(
             _backward(perturbed, amp)
         sam.restore()
     _update(model, optimizer, amp, grad_clip, clip_params)
-    return loss.detach(), (logits.detach().argmax(dim=-1) == y).sum()
+    labels = y if y.ndim == 1 else y.argmax(dim=-1)
+    return loss.detach(), (logits.detach().argmax(dim=-1) == labels).sum()
 
 
 def _backward(loss: torch.Tensor, amp: Amp) -> None:
