@@ -36,16 +36,15 @@ vitbn bf16 training >= 2x vitbn fp32. With ``--profile`` it also prints the shar
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 from vitbn.bench.cases import OP_CATEGORIES, batch_for, first_line, op_shares
+from vitbn.bench.reference import REF, STUDY, load_reference, plain_step
 from vitbn.bench.report import as_saved, markdown_page, provenance_line, publish, render_saved
 from vitbn.bench.system import environment, tune_cpu_allocator
 from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
@@ -56,43 +55,9 @@ from vitbn.engine.step import make_loss, train_step
 from vitbn.errors import UserError
 from vitbn.models.convert import vit_from_vit_pytorch
 
-STUDY = dict(
-    image_size=28, patch_size=7, num_classes=10, dim=64, depth=6, heads=8, mlp_dim=128, channels=1, dim_head=64
-)
-REF = "vit-pytorch"
 TITLE = "vitbn vs vit-pytorch"
 PAGE_KEYS = ("meta", "rows", "profile", "provenance")  # what a page needs of the JSON
 TARGETS = {("train", "vitbn"): 1.2, ("train", "vitbn+compile"): 1.2}
-
-
-def load_reference(path: str):
-    """vit-pytorch's ``ViT`` class from ``PATH/vit_pytorch/vit.py`` (with PATH on sys.path for einops)."""
-    vit_py = Path(path) / "vit_pytorch" / "vit.py"
-    if not vit_py.is_file():
-        sys.exit(
-            f"no vit_pytorch/vit.py under {path}; make a copy: pip install --no-deps --target {path} vit-pytorch einops"
-        )
-    sys.path.insert(0, str(Path(path).resolve()))
-    spec = importlib.util.spec_from_file_location("vit_pytorch_vit", vit_py)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ViT
-
-
-def plain_step(model, precision: str, x, y, compile: bool):
-    """The reference's training step as a plain PyTorch script writes it."""
-    net = torch.compile(model) if compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(net(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def vitbn_step(model, precision: str, x, y, compile: bool):
@@ -304,7 +269,10 @@ def main(argv=None) -> int:
             print(f"vs_vit_pytorch.py: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    ref_cls = load_reference(args.vit_pytorch)
+    try:
+        ref_cls = load_reference(args.vit_pytorch)
+    except UserError as exc:
+        sys.exit(f"vs_vit_pytorch.py: error: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = tune_cpu_allocator() if args.tune_allocator else False

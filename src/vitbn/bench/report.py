@@ -92,6 +92,13 @@ def format_report(result: dict) -> str:
     ]
     if result["comparisons"]:
         out += ["", "paired ratios (median over interleaved rounds):", format_comparisons(result["comparisons"])]
+    if result.get("rows"):
+        from vitbn.bench.targets import format_profile, format_targets, target_rows
+
+        out += ["", format_targets(target_rows(result))]
+        if result.get("profile"):
+            title = f"profile of {result['profile']['case']} (top operators by self time, per step):"
+            out += ["", format_profile(title, result["profile"]["ops"])]
     if result.get("recipes"):
         from vitbn.bench.recipes import format_recipes
 

@@ -13,6 +13,7 @@ import torch
 
 from vitbn.bench import cases as C
 from vitbn.bench.system import environment, native_bf16, tune_cpu_allocator
+from vitbn.bench.targets import against_reference, profile_training
 from vitbn.bench.timing import Case, interleave, matmul_case, paired_ratio, summarize, warm_up
 from vitbn.config import PRECISIONS
 from vitbn.engine.device import resolve_device
@@ -53,6 +54,8 @@ class BenchOptions:
     export: bool = True  # the export section: onnxruntime vs eager and folded torch (needs the export extra)
     short: bool = False  # set by ``quick()``: the recipe section measures fewer layouts and batches too
     overrides: dict = field(default_factory=dict)  # ModelConfig fields for every model (tests, studies)
+    reference: str | None = None  # a vit-pytorch copy: its ViT's plain training step, timed in the same rounds
+    profile_top: int = 12  # operators of the training step's profile (0: none)
 
     @classmethod
     def quick(cls, **changes) -> BenchOptions:
@@ -75,6 +78,10 @@ class BenchOptions:
         for d in self.depths:
             if d not in ("study", "equal") and not (isinstance(d, int) and d > 0):
                 raise UserError(f"depth {d!r} is not 'study', 'equal' or a positive integer")
+        if self.reference is not None:
+            from vitbn.bench.reference import reference_file
+
+            reference_file(self.reference)  # before anything is measured
         for name in ("batch_size", "infer_batch_size", "repeats", "peak_size", "loader_epochs", "profile_iters"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -306,8 +313,11 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         for i, spec in enumerate(plan(options), 1):
             log(f"[{i}] warming up {spec.name}")
             measured[spec], extras[spec] = prepare(spec, options, device, compile_error)
-        log(f"timing {len(measured)} cases in {options.repeats} interleaved rounds ...")
-        interleave([*peaks.values(), *measured.values()], options.repeats)
+        references = _references(options, device, compile_error, log) if options.reference else {}
+        timed = [c for c in references.values() if c.error is None]
+        log(f"timing {len(measured) + len(timed)} cases in {options.repeats} interleaved rounds ...")
+        interleave([*peaks.values(), *measured.values(), *timed], options.repeats)
+        profile = profile_training(measured, device, options.profile_iters, options.profile_top, log)
         recipes = _recipes(options, device, log) if options.recipes else None
         norms = _norms(options, device, compile_error, log) if options.norms else None
     # outside the compile settings above: torch.onnx.export traces with torch.export, under dynamo's defaults
@@ -329,11 +339,21 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         "peaks": peak_info,
         "loader": loader,
         "rows": rows,
-        "comparisons": comparisons(measured, extras),
+        "comparisons": comparisons(measured, extras) + against_reference(measured, references),
+        "profile": profile,
         "recipes": recipes,
         "norms": norms,
         "export": export,
     }
+
+
+def _references(options: BenchOptions, device: torch.device, compile_error: str | None, log) -> dict:
+    from vitbn.bench.reference import reference_cases
+
+    log(f"warming up the reference (vit-pytorch from {options.reference})")
+    return reference_cases(options.reference, precisions=options.precisions, batch=options.batch_size,
+                           compile=options.compile and not compile_error, device=device, warmup=options.warmup,
+                           min_repeat_s=options.min_repeat_s)  # fmt: skip
 
 
 def _recipes(options: BenchOptions, device: torch.device, log: Callable[[str], None]) -> dict:

@@ -77,6 +77,13 @@ def register(subparsers) -> None:
         default=None,
         help="skip profiling the shares of operator time (norm%%, mm%%)",
     )
+    p.add_argument(
+        "--reference",
+        metavar="PATH",
+        help="a vit-pytorch copy (pip install --no-deps --target PATH vit-pytorch einops): its ViT's plain training "
+        "step is timed in the same rounds, for the 1.2x target",
+    )
+    p.add_argument("--profile-top", type=int, help="operators in the training step's profile (default 12; 0: none)")
     p.add_argument("--profile-iters", type=int, help="profiled calls per case for norm%%/mm%% (default 3, 1 quick)")
     p.add_argument(
         "--tune-allocator",
@@ -124,6 +131,8 @@ _FIELDS = (
     "loader_epochs",
     "profile_norms",
     "profile_iters",
+    "profile_top",
+    "reference",
     "recipes",
     "norms",
     "export",
