@@ -45,6 +45,8 @@ class ModelSpec:
     overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     variant: str = ""  # names a recipe (``"par3x2"``): models of one name and depth told apart
     train: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # TrainConfig fields of this entry
+    data: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # DataConfig fields of this entry
+    augment: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # AugmentConfig fields
 
     @property
     def label(self) -> str:
@@ -58,13 +60,16 @@ class ModelSpec:
             **({"overrides": dict(self.overrides)} if self.overrides else {}),
             **({"variant": self.variant} if self.variant else {}),
             **({"train": dict(self.train)} if self.train else {}),
+            **({"data": dict(self.data)} if self.data else {}),
+            **({"augment": dict(self.augment)} if self.augment else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        unknown = sorted(set(data) - {"name", "depth", "overrides", "variant", "train"})
+        keys = ("name", "depth", "overrides", "variant", "train", "data", "augment")
+        unknown = sorted(set(data) - set(keys))
         if unknown:
-            raise UserError(f"unknown model entry key(s) {unknown}; allowed: name, depth, overrides, variant, train")
+            raise UserError(f"unknown model entry key(s) {unknown}; allowed: {', '.join(keys)}")
         if data.get("name") not in list_models():
             raise UserError(f"model {data.get('name')!r} is not one of {', '.join(list_models())}")
         depth = data.get("depth")
@@ -72,7 +77,8 @@ class ModelSpec:
             raise UserError(f"model {data['name']!r}: depth={depth!r} must be a positive integer")
         variant = str(data.get("variant") or "")
         return cls(name=data["name"], depth=depth, overrides=dict(data.get("overrides") or {}), variant=variant,
-                   train=dict(data.get("train") or {}))  # fmt: skip
+                   train=dict(data.get("train") or {}), data=dict(data.get("data") or {}),
+                   augment=dict(data.get("augment") or {}))  # fmt: skip
 
 
 @dataclass
@@ -115,6 +121,9 @@ class ExperimentPreset:
         data["model"] = {**(data.get("model") or {}), **spec.overrides, "name": spec.name, "depth": spec.depth}
         train = data.setdefault("train", {})
         train.update(spec.train)
+        data["data"] = {**(data.get("data") or {}), **spec.data}
+        if spec.augment:
+            data["augment"] = {**(data.get("augment") or {}), **spec.augment}
         if lr is not None:
             train["lr"] = float(lr)
         if seed is not None:
@@ -245,6 +254,36 @@ def _sam_models(depth: int = 6, rho: float = 0.05) -> list[ModelSpec]:
 # cost of a step), plus the analyses. sam-full is the full-size one (for a GPU).
 _SAM_RUN = _with(STUDY_RUN, data={"train_subset": 10000, "test_subset": 5000}, train={"epochs": 15})
 
+# AugReg (Steiner et al. 2021): regularization "0.1" is dropout 0.1 and stochastic depth 0.1; every cell trains with
+# AdamW and weight decay 0.05 (none on norms, biases and embeddings), so that only augmentation and dropout vary.
+AUGREG_LEVELS = ("none", "light", "medium", "heavy")
+AUGREG_REG = {"reg0": {}, "reg0.1": {"dropout": 0.1, "drop_path": 0.1}}
+
+
+def _augreg_models(depth: int, sizes: dict[str, tuple[int, int]], names=("vit", "vitbn")) -> list[ModelSpec]:
+    """Experiment ``augreg``: per model, training-set size (``label: (images, epochs)``), augmentation level and
+    regularization, one entry named ``<size>-<level>-<reg>`` (e.g. ``vit-1k-medium-reg0.1``); each holds out a
+    stratified tenth of its images for validation, which chooses the epoch (``best/test_acc``)."""
+    return [
+        ModelSpec(
+            name,
+            depth,
+            reg,
+            f"{size}-{level}-{reg_name}",
+            train={"epochs": epochs},
+            data={"train_subset": images},
+            augment={"level": level},
+        )  # fmt: skip
+        for name in names
+        for size, (images, epochs) in sizes.items()
+        for level in AUGREG_LEVELS
+        for reg_name, reg in AUGREG_REG.items()
+    ]
+
+
+_AUGREG_RUN = _with(STUDY_RUN, data={"val_fraction": 0.1, "test_every_epoch": False},
+                    train={"optimizer": "adamw", "weight_decay": 0.05})  # fmt: skip
+
 PRESETS: dict[str, ExperimentPreset] = {
     p.name: p
     for p in (
@@ -342,6 +381,26 @@ PRESETS: dict[str, ExperimentPreset] = {
             lrs=[0.0005],
             seeds=[0, 1],
             run=_with(STUDY_RUN, train={"precision": "bf16"}),
+        ),
+        ExperimentPreset(
+            name="augreg",
+            description="Steiner et al. 2021 on MNIST subsets: ViT and ViTBN at depth 3, 1000 images (20 epochs) "
+            "and 10000 (4 epochs), augmentation none / light / medium / heavy x regularization none / 0.1 (dropout "
+            "and stochastic depth), AdamW (weight decay 0.05), lr 0.0005, the epoch chosen on a stratified 10% "
+            "validation split, the whole test set at the end; fp32 (a 2-core CPU budget; augreg-full is the full one).",
+            models=_augreg_models(3, {"1k": (1000, 20), "10k": (10000, 4)}),
+            lrs=[0.0005],
+            seeds=[0],
+            run=_AUGREG_RUN,
+        ),
+        ExperimentPreset(
+            name="augreg-full",
+            description="The augreg experiment at full size (for a GPU): depth 6, 1000 / 10000 / 60000 images for "
+            "100 / 30 / 15 epochs, seeds 0 and 1, bf16.",
+            models=_augreg_models(6, {"1k": (1000, 100), "10k": (10000, 30), "60k": (60000, 15)}),
+            lrs=[0.0005],
+            seeds=[0, 1],
+            run=_with(_AUGREG_RUN, train={"precision": "bf16"}),
         ),
         ExperimentPreset(
             name="study-tune",
