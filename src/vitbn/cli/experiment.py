@@ -43,7 +43,7 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms or sam"
+        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms, sam or augreg"
     )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
     sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable); "
@@ -58,7 +58,9 @@ def register(subparsers) -> None:
                            "depth-6 ViT, 3 lrs, 2 seeds, selected on validation, with a report")  # fmt: skip
     sam = sub.add_parser("sam", help="ViT and ViTBN (depth 6) with Adam and Adam + SAM (rho 0.05), then vitbn "
                          "analyze of each (lambda_max, active neurons, attention), with a report")  # fmt: skip
-    for parser_, name in ((recipes, "recipes"), (norms, "norms"), (sam, "sam")):
+    augreg = sub.add_parser("augreg", help="augmentation x regularization on MNIST subsets (Steiner et al. 2021), "
+                            "ViT and ViTBN, the epoch selected on validation, with a report and heatmap")  # fmt: skip
+    for parser_, name in ((recipes, "recipes"), (norms, "norms"), (sam, "sam"), (augreg, "augreg")):
         _common(parser_, RUN_FLAGS)
         parser_.add_argument("--full", action="store_true", help=f"the full-size preset {name}-full (for a GPU)")
         parser_.add_argument("--epochs", type=int, help="epochs of every training run")
@@ -140,7 +142,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_with_report(args: argparse.Namespace) -> int:
-    """``experiment recipes``, ``norms`` and ``sam``: an lr sweep of the preset, then its own report."""
+    """``experiment recipes``, ``norms``, ``sam`` and ``augreg``: an lr sweep of the preset, then its own report."""
     from vitbn.experiments.lr_sweep import run_lr_sweep
 
     if args.list:
@@ -162,10 +164,12 @@ def run_with_report(args: argparse.Namespace) -> int:
             report = sam.build_sam_report(result.parent_id, out, tracking_uri=uri,
                                           options=sam.ANALYSIS_FULL if args.full else sam.ANALYSIS)  # fmt: skip
     else:
+        from vitbn.experiments.augreg import build_augreg_report
         from vitbn.experiments.norms import build_norms_report
         from vitbn.experiments.recipes import build_recipes_report
 
-        build = build_norms_report if args.report_kind == "norms" else build_recipes_report
+        builders = {"norms": build_norms_report, "augreg": build_augreg_report}
+        build = builders.get(args.report_kind, build_recipes_report)
         report = build(result.parent_id, out, tracking_uri=uri)
     print(f"report: {report.markdown} and {report.figure}")
     return 0
