@@ -10,7 +10,8 @@ import os
 import sys
 
 # Sub-command modules, in the order ``vitbn --help`` lists them.
-MODULES = ("models", "train", "experiment", "report", "bn", "bench", "analyze", "predict", "export", "serve")
+MODULES = ("models", "train", "finetune", "experiment", "report", "bn", "bench", "analyze", "predict", "export",
+           "serve")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,8 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "experiment", help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms, sam or augreg"
+        "experiment",
+        help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms, sam, augreg or transfer",
     )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
     sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable); "
@@ -60,7 +61,10 @@ def register(subparsers) -> None:
                          "analyze of each (lambda_max, active neurons, attention), with a report")  # fmt: skip
     augreg = sub.add_parser("augreg", help="augmentation x regularization on MNIST subsets (Steiner et al. 2021), "
                             "ViT and ViTBN, the epoch selected on validation, with a report and heatmap")  # fmt: skip
-    for parser_, name in ((recipes, "recipes"), (norms, "norms"), (sam, "sam"), (augreg, "augreg")):
+    transfer = sub.add_parser("transfer", help="pre-train on MNIST, then digits from scratch (+ AugReg) and "
+                              "fine-tuned (all, attention, FFN, head), ViT and ViTBN, with a report")  # fmt: skip
+    for parser_, name in ((recipes, "recipes"), (norms, "norms"), (sam, "sam"), (augreg, "augreg"),
+                          (transfer, "transfer")):  # fmt: skip
         _common(parser_, RUN_FLAGS)
         parser_.add_argument("--full", action="store_true", help=f"the full-size preset {name}-full (for a GPU)")
         parser_.add_argument("--epochs", type=int, help="epochs of every training run")
@@ -142,8 +146,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_with_report(args: argparse.Namespace) -> int:
-    """``experiment recipes``, ``norms``, ``sam`` and ``augreg``: an lr sweep of the preset, then its own report."""
+    """``experiment recipes``, ``norms``, ``sam``, ``augreg`` and ``transfer``: an lr sweep of the preset (the
+    transfer: its pre-training, then the target runs), then the experiment's own report."""
     from vitbn.experiments.lr_sweep import run_lr_sweep
+    from vitbn.experiments.transfer import run_transfer
 
     if args.list:
         return _list_presets()
@@ -151,7 +157,8 @@ def run_with_report(args: argparse.Namespace) -> int:
         args.default_preset = f"{args.report_kind}-full"
     _setup_logging()
     preset = preset_from_args(args, RUN_FLAGS)
-    result = run_lr_sweep(preset, progress=args.progress)
+    run = run_transfer if args.report_kind == "transfer" else run_lr_sweep  # the transfer has a phase after the sweep
+    result = run(preset, progress=args.progress)
     print(f"{args.report_kind} {preset.name}: parent run {result.parent_id}; {result.count('new')} trained, "
           f"{result.count('resume')} resumed, {result.count('done')} already done")  # fmt: skip
     out = args.report_dir or f"reports/{preset.name}"
@@ -167,8 +174,9 @@ def run_with_report(args: argparse.Namespace) -> int:
         from vitbn.experiments.augreg import build_augreg_report
         from vitbn.experiments.norms import build_norms_report
         from vitbn.experiments.recipes import build_recipes_report
+        from vitbn.experiments.transfer import build_transfer_report
 
-        builders = {"norms": build_norms_report, "augreg": build_augreg_report}
+        builders = {"norms": build_norms_report, "augreg": build_augreg_report, "transfer": build_transfer_report}
         build = builders.get(args.report_kind, build_recipes_report)
         report = build(result.parent_id, out, tracking_uri=uri)
     print(f"report: {report.markdown} and {report.figure}")

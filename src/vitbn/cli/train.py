@@ -29,10 +29,12 @@ def register(subparsers) -> None:
     train.set_defaults(func=run_train)
 
     ev = subparsers.add_parser("eval", help="evaluate a saved model (model.pt) on a test set")
-    ev.add_argument("model", metavar="MODEL", help="a model.pt written by `vitbn train`")
+    ev.add_argument("model", metavar="MODEL", help="a model.pt written by `vitbn train`, or a delta.pt (with --base)")
+    ev.add_argument("--base", metavar="BASE", help="the model a delta.pt of `vitbn finetune` was fine-tuned from")
     ev.add_argument("--dataset", default="mnist")
     ev.add_argument("--data-root", default=None)
     ev.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
+    ev.add_argument("--image-size", type=int, default=None, help="resize the images to NxN (as `vitbn finetune`)")
     ev.add_argument("--batch-size", type=int, default=5000)
     ev.add_argument("--device", choices=DEVICES, default="auto")
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -56,13 +58,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merged)
 
 
-def resume_command(args: argparse.Namespace, run_name: str) -> str:
-    """The ``vitbn train`` command line that continues this run."""
-    parts = ["vitbn", "train"]
+def resume_command(args: argparse.Namespace, run_name: str, command: list[str] | None = None) -> str:
+    """The ``vitbn train`` command line (or ``command`` and the flags of the table given) that continues this
+    run."""
+    parts = list(command or ["vitbn", "train"])
     if args.config:
         parts += ["--config", args.config]
     for flag in FLAGS:
-        value = getattr(args, dest(flag))
+        value = getattr(args, dest(flag), None)
         if value is None or flag in ("--resume", "--run-name"):
             continue
         if isinstance(value, bool):
@@ -129,8 +132,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from vitbn.models import count_params
 
     device = resolve_device(args.device)
-    model = load_model(args.model, map_location=device)
+    if args.base:
+        from vitbn.engine.delta import load_delta
+
+        model = load_delta(args.model, args.base, map_location=device)
+    else:
+        model = load_model(args.model, map_location=device)
     data = prepare_data(DataConfig(dataset=args.dataset, root=args.data_root, test_subset=args.test_subset))
+    if args.image_size is not None:
+        from vitbn.engine.adapt import resize_data
+
+        data = resize_data(data, args.image_size, splits=("test",))
     check_data_fits_model(model.config, data.info)
     if args.fuse_bn:
         from vitbn.bn import fuse_bn

@@ -24,6 +24,7 @@ from vitbn.errors import UserError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
+DELTA_KIND = "vitbn-delta"  # the "kind" of a fine-tuning delta (vitbn.engine.delta): not a whole model
 
 
 _defer = {"depth": 0, "received": 0}  # nesting depth of deferred blocks; SIGINTs held back
@@ -199,6 +200,12 @@ def _read_model_file(path: Path, map_location) -> dict[str, Any]:
         saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise UserError(f"model file {path} cannot be read: {first_line(exc)}") from None
+    if isinstance(saved, dict) and saved.get("kind") == DELTA_KIND:
+        base = saved.get("base", {}).get("name", "its base")
+        raise UserError(
+            f"model file {path} is a fine-tuning delta of {base}, not a whole model: load it with its base "
+            f"(vitbn eval {path} --base BASE)"
+        )
     if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
         raise UserError(f"model file {path} is not a vitbn model (expected keys 'config' and 'state_dict')")
     return saved

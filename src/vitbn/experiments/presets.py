@@ -403,6 +403,35 @@ PRESETS: dict[str, ExperimentPreset] = {
             run=_with(_AUGREG_RUN, train={"precision": "bf16"}),
         ),
         ExperimentPreset(
+            name="transfer",
+            description="Pre-training on MNIST (10000 images, 4 epochs, ViT and ViTBN at depth 3), then scikit-learn's "
+            "8x8 digits (resized to 28x28) from scratch, from scratch + AugReg, and fine-tuned (everything, attention "
+            "only, FFN only, head only), 15 epochs, the epoch chosen on a stratified 10% validation split; fp32 (a "
+            "2-core CPU budget; transfer-full is the full one).",
+            models=_models(("vit", 3), ("vitbn", 3)),
+            lrs=[0.0005],
+            seeds=[0],
+            run=_with(
+                STUDY_RUN,
+                data={"train_subset": 10000, "val_fraction": 0.1, "test_every_epoch": False},
+                train={"epochs": 4},
+            ),  # fmt: skip
+        ),
+        ExperimentPreset(
+            name="transfer-full",
+            description="The transfer experiment at full size (for a GPU): depth 6, all 60000 MNIST images (10% for "
+            "validation), 15 epochs, bf16; targets digits, Fashion-MNIST and KMNIST (5000 training images each), 30 "
+            "epochs, seeds 0 and 1.",
+            models=_models(("vit", 6), ("vitbn", 6)),
+            lrs=[0.0005],
+            seeds=[0, 1],
+            run=_with(
+                STUDY_RUN,
+                data={"val_fraction": 0.1, "test_every_epoch": False},
+                train={"epochs": 15, "precision": "bf16"},
+            ),  # fmt: skip
+        ),
+        ExperimentPreset(
             name="study-tune",
             description="The article's experiment 2: Bayesian optimization of lr and batch size (20 trials, 3 "
             "epochs each, validation split of 10000), then 30 epochs of each tuned model.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,9 @@ class Experiment:
     progress: str = "auto"
     results: list[ChildResult] = field(default_factory=list)
 
-    def run_child(self, config: RunConfig, tags: dict[str, str]) -> ChildResult:
-        """Trains one child (``fit``), unless it is done; an interrupted one is resumed from its checkpoint."""
+    def run_child(self, config: RunConfig, tags: dict[str, str], train: Callable | None = None) -> ChildResult:
+        """Trains one child (``fit``, or ``train(config, tracker=, parent_run_id=, progress=)`` returning what fit
+        returns), unless it is done; an interrupted one is resumed from its checkpoint."""
         from vitbn.engine import fit
 
         key = child_key(tags)
@@ -93,7 +95,7 @@ class Experiment:
             checkpoint = self.out_dir / config.track.run_name / "checkpoint.pt"
             config.train.resume = state.action == "resume" or checkpoint.exists()
             tracker = TaggingTracker(self.tracker, tags, state.run_id)
-            fitted = fit(config, tracker=tracker, parent_run_id=self.parent_id, progress=self.progress)
+            fitted = (train or fit)(config, tracker=tracker, parent_run_id=self.parent_id, progress=self.progress)
             result = ChildResult(key, fitted.status, fitted.run_id, dict(fitted.final), state.action)
             if fitted.run_id is not None:
                 self.children[key] = self.client.get_run(fitted.run_id)

@@ -185,11 +185,16 @@ def best_from_tags(tags: dict[str, str]) -> dict[str, dict]:
     return out
 
 
+# Children a report compares (tuning trials are listed apart): sweep runs, tuned models' final runs, and the
+# transfer experiment's pre-training and target runs.
+COMPARED_PHASES = ("sweep", "final", "pretrain", "transfer")
+
+
 def load_run_set(client, parent) -> RunSet:
     """Reads the children of ``parent`` (an MLflow Run) and their metric histories."""
     children = child_runs(client, parent.info.run_id, parent.info.experiment_id)
     rows = [_row(r) for r in children if r.info.status != "RUNNING"]  # in progress (or crashed): not shown
-    compared = [r for r in rows if r["phase"] in ("sweep", "final")]
+    compared = [r for r in rows if r["phase"] in COMPARED_PHASES]
     notes = []
     unfinished = [r["label"] for r in compared if r["mlflow_status"] == "KILLED"]
     if unfinished:
@@ -199,7 +204,7 @@ def load_run_set(client, parent) -> RunSet:
     if runs.empty:
         return RunSet(runs, pd.DataFrame(), _trials(rows), notes=notes, best=best)
     runs["setting"] = [
-        f"lr={lr:g}" if phase == "sweep" else f"tuned, {epochs} epochs"
+        f"tuned, {epochs} epochs" if phase == "final" else f"lr={lr:g}"
         for lr, phase, epochs in zip(runs["lr"], runs["phase"], runs["epochs"])
     ]
     per_epoch_test = bool(runs["test_every_epoch"].all())
