@@ -125,3 +125,16 @@ def test_a_missing_reference_is_a_one_line_error(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("vitbn bench: error: no vit_pytorch/vit.py under")
+
+
+def test_the_loader_is_timed_with_augmentation_and_judged_against_the_study_epoch():
+    from vitbn.bench.suite import time_loader
+
+    loader = time_loader(100, CPU, epochs=1, max_batches=3, augment="heavy")
+    assert loader["images"] == 300 and loader["augmented"]["images"] == 300 and loader["augmented"]["level"] == "heavy"
+    assert loader["augmented"]["epoch_s"] > loader["epoch_s"] > 0  # RandAugment and Mixup cost more than slicing
+    study = _row("vit", 6, "train", util=40.0, loader=0.1)
+    result = {"rows": [{**study, "epoch_s": 200.0}], "comparisons": [], "loader": {"augmented": {
+        "level": "medium", "epoch_s": 0.5, "images": 6000}}}  # fmt: skip
+    row = next(r for r in target_rows(result) if r["what"].startswith("loader + medium"))
+    assert row["measured"] == pytest.approx(100 * 5.0 / 205.0) and row["met"] is True

@@ -111,6 +111,10 @@ def format_report(result: dict) -> str:
     if loader:
         detail = f"{loader['epoch_s']:.3f} s per epoch of {loader['images']} images" if loader["epoch_s"] else ""
         out += ["", f"loader (InMemoryLoader, MNIST train, shuffled): {detail or loader['status']}"]
+        if loader.get("augmented"):
+            aug = loader["augmented"]
+            out.append(f"loader + {aug['level']} augmentation (Augmenter on every batch): {aug['epoch_s']:.3f} s per "
+                       f"epoch of {aug['images']} images")  # fmt: skip
     if result.get("export"):
         from vitbn.bench.export import format_export
 

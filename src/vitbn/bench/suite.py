@@ -46,6 +46,7 @@ class BenchOptions:
     peak_size: int = 2048  # the n of the n^3 matrix product that measures the peak
     loader: bool = True  # time an InMemoryLoader epoch of MNIST
     loader_epochs: int = 3  # timed loader epochs (after one untimed)
+    augment: str = "medium"  # also time the loader with this AugReg level on ("none": not)
     profile_norms: bool = True  # profile operator-time shares (norms, matmuls, ...) of the eager cases
     profile_iters: int = 3  # profiled calls per case for those shares
     tune_allocator: bool = False  # vitbn.bench.system.tune_cpu_allocator() before measuring
@@ -192,21 +193,38 @@ def prepare(spec: Spec, options: BenchOptions, device: torch.device, compile_err
     return case, extras
 
 
-def time_loader(batch_size: int, device: torch.device, epochs: int = 3, max_batches: int | None = None) -> dict:
+def time_loader(
+    batch_size: int, device: torch.device, epochs: int = 3, max_batches: int | None = None, augment: str = "none"
+) -> dict:
     """Seconds to iterate one shuffled ``InMemoryLoader`` epoch of the MNIST training set (median of
     ``epochs``, after one untimed), the loading work a training epoch adds to its steps. ``max_batches``
-    shortens the epoch (tests); ``images`` says how many images the timed epoch had."""
-    from vitbn.data import InMemoryLoader, load_dataset
-    from vitbn.engine.timing import synchronize
+    shortens the epoch (tests); ``images`` says how many images the timed epoch had. With an ``augment`` level
+    other than none, ``augmented`` holds the same timing with that level's ``Augmenter`` on every batch."""
+    from vitbn.data import load_dataset
 
     try:
         data = load_dataset("mnist")
     except (UserError, OSError) as exc:
         reason = first_line(exc)[:160]
         return {"status": f"n/a (MNIST: {reason})", "epoch_s": None, "images": None, "samples": []}
+    out = {"status": "ok", **_loader_epochs(data, batch_size, device, epochs, max_batches, None)}
+    if augment != "none":
+        from vitbn.config import AugmentConfig
+        from vitbn.data.augment import Augmenter
+
+        augmenter = Augmenter(AugmentConfig.from_level(augment), num_classes=len(data.classes))
+        out["augmented"] = {"level": augment, **_loader_epochs(data, batch_size, device, epochs, max_batches,
+                                                                augmenter)}  # fmt: skip
+    return out
+
+
+def _loader_epochs(data, batch_size: int, device: torch.device, epochs: int, max_batches, augment) -> dict:
+    from vitbn.data import InMemoryLoader
+    from vitbn.engine.timing import synchronize
+
     loader = InMemoryLoader(
         data.train, batch_size=batch_size, mean=data.mean, std=data.std, shuffle=True, device=device,
-        max_batches=max_batches,
+        max_batches=max_batches, augment=augment,
     )  # fmt: skip
     samples = []
     for epoch in range(epochs + 1):
@@ -218,7 +236,7 @@ def time_loader(batch_size: int, device: torch.device, epochs: int = 3, max_batc
         synchronize(device)
         if epoch:
             samples.append(time.perf_counter() - start)
-    return {"status": "ok", "epoch_s": statistics.median(samples), "images": loader.num_samples, "samples": samples}
+    return {"epoch_s": statistics.median(samples), "images": loader.num_samples, "samples": samples}
 
 
 def _num(x: float | None) -> float | None:
@@ -322,7 +340,11 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         norms = _norms(options, device, compile_error, log) if options.norms else None
     # outside the compile settings above: torch.onnx.export traces with torch.export, under dynamo's defaults
     export = _export(options, log) if options.export else None
-    loader = time_loader(options.batch_size, device, options.loader_epochs) if options.loader else None
+    loader = (
+        time_loader(options.batch_size, device, options.loader_epochs, augment=options.augment)
+        if options.loader
+        else None
+    )
     meta = {
         **env,
         "load_avg_end": environment(device)["load_avg"],

@@ -57,6 +57,14 @@ def target_rows(result: dict) -> list[dict]:
     for r in (result.get("norms") or {}).get("ratios", []):
         if r["variant"] in ("bn", "bnffn") and "/ ln infer_folded" in r["what"]:
             rows.append(_target(f"folded {r['what']}", r["ratio"], f">= {FOLDED_VS_VIT}x", r["ratio"] >= FOLDED_VS_VIT))
+    augmented = (result.get("loader") or {}).get("augmented")
+    study = next((r for r in result["rows"] if (r["model"], r["depth"], r["mode"], r["compiled"]) == ("vit", 6, "train",
+                  False) and r.get("epoch_s")), None)  # fmt: skip
+    if augmented and study:
+        load_s = augmented["epoch_s"] * 60_000 / augmented["images"]
+        share = 100.0 * load_s / (load_s + study["epoch_s"])
+        rows.append(_target(f"loader + {augmented['level']} augmentation share of vit@6 {study['precision']} epoch",
+                            share, f"< {LOADER_PCT:.0f}%", share < LOADER_PCT))  # fmt: skip
     loads = [r["loader_pct"] for r in result["rows"] if r.get("loader_pct") is not None]
     if loads:
         rows.append(_target("loader share of a training epoch (largest)", max(loads), f"< {LOADER_PCT:.0f}%",

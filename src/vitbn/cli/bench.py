@@ -83,6 +83,12 @@ def register(subparsers) -> None:
         help="a vit-pytorch copy (pip install --no-deps --target PATH vit-pytorch einops): its ViT's plain training "
         "step is timed in the same rounds, for the 1.2x target",
     )
+    p.add_argument(
+        "--loader-augment",
+        dest="augment",
+        choices=("none", "light", "medium", "heavy"),
+        help="also time the loader with this AugReg level on (default medium; none: not)",
+    )
     p.add_argument("--profile-top", type=int, help="operators in the training step's profile (default 12; 0: none)")
     p.add_argument("--profile-iters", type=int, help="profiled calls per case for norm%%/mm%% (default 3, 1 quick)")
     p.add_argument(
@@ -133,6 +139,7 @@ _FIELDS = (
     "profile_iters",
     "profile_top",
     "reference",
+    "augment",
     "recipes",
     "norms",
     "export",
