@@ -176,11 +176,9 @@ def categorize(op: str) -> str:
     return "other"
 
 
-def op_shares(run: Callable[[], object], device: torch.device, iters: int = 3) -> dict[str, float]:
-    """Percent of operator time per category (``OP_CATEGORIES``: matrix products, normalization, softmax,
-    copies, optimizer, elementwise, other) over ``iters`` profiled calls: operators' self time (device time on
-    CUDA, CPU time elsewhere) summed per category, over the sum for all operators. The profiler adds a fixed
-    cost per operator, so cheap operators (the norms) come out over- rather than under-estimated."""
+def self_times(run: Callable[[], object], device: torch.device, iters: int) -> list[tuple[str, float, int]]:
+    """``(operator, self time in microseconds, calls)`` of every operator over ``iters`` profiled calls of ``run``:
+    device time on CUDA, CPU time elsewhere."""
     from torch.profiler import ProfilerActivity
 
     cuda = device.type == "cuda"
@@ -189,9 +187,16 @@ def op_shares(run: Callable[[], object], device: torch.device, iters: int = 3) -
         for _ in range(iters):
             run()
         synchronize(device)
+    return [(a.key, a.self_device_time_total if cuda else a.self_cpu_time_total, a.count) for a in prof.key_averages()]
+
+
+def op_shares(run: Callable[[], object], device: torch.device, iters: int = 3) -> dict[str, float]:
+    """Percent of operator time per category (``OP_CATEGORIES``: matrix products, normalization, softmax,
+    copies, optimizer, elementwise, other) over ``iters`` profiled calls: operators' self time (device time on
+    CUDA, CPU time elsewhere) summed per category, over the sum for all operators. The profiler adds a fixed
+    cost per operator, so cheap operators (the norms) come out over- rather than under-estimated."""
     times = dict.fromkeys([c for c, _ in OP_CATEGORIES] + ["other"], 0.0)
-    for avg in prof.key_averages():
-        self_time = avg.self_device_time_total if cuda else avg.self_cpu_time_total
-        times[categorize(avg.key)] += self_time
+    for op, self_time, _count in self_times(run, device, iters):
+        times[categorize(op)] += self_time
     total = sum(times.values())
     return {c: 100.0 * t / total if total else float("nan") for c, t in times.items()}

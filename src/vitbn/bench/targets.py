@@ -88,18 +88,9 @@ def top_ops(run: Callable[[], object], device: torch.device, iters: int = 3, k: 
     """The ``k`` operators of largest self time over ``iters`` profiled calls of ``run`` (device time on CUDA,
     CPU time elsewhere): ``{"op", "self_ms", "pct", "calls"}`` per call of ``run``, ``pct`` of all operators'
     self time."""
-    from torch.profiler import ProfilerActivity
+    from vitbn.bench.cases import self_times
 
-    from vitbn.bench.cases import quiet_profiler
-    from vitbn.engine.timing import synchronize
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with quiet_profiler(activities=activities) as prof:
-        for _ in range(iters):
-            run()
-        synchronize(device)
-    stats = [(a.key, a.self_device_time_total if cuda else a.self_cpu_time_total, a.count) for a in prof.key_averages()]
+    stats = self_times(run, device, iters)
     total = sum(t for _, t, _ in stats) or 1.0
     stats.sort(key=lambda s: -s[1])
     return [{"op": op, "self_ms": t / 1e3 / iters, "pct": 100.0 * t / total, "calls": count / iters}

@@ -255,11 +255,12 @@ def run_tuning(
         progress: the engine's progress display.
     """
     base = preset.base_config(preset.models[0])
-    if base.data.val_size <= 0:
-        raise UserError(f"tuning maximizes validation accuracy: preset {preset.name!r} has data.val_size=0; set it")
+    if base.data.val_size <= 0 and not base.data.val_fraction:
+        raise UserError(f"tuning maximizes validation accuracy: preset {preset.name!r} has data.val_size=0 and no "
+                        "data.val_fraction; set one")  # fmt: skip
     exp = open_experiment(KIND, preset, progress=progress)
-    status, best, finals = "FAILED", {}, []
-    try:
+    best, finals = {}, []
+    with exp.closing():
         for spec in preset.models:
             best[spec.label] = tune_model(exp, spec, trials)
             params, acc, index = best[spec.label]
@@ -272,12 +273,6 @@ def run_tuning(
             finals = [
                 _train_final(exp, spec, best[spec.label][0], seed) for spec in preset.models for seed in preset.seeds
             ]
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        exp.close(status)
     return TuneResult(exp.parent_id, best, finals)
 
 

@@ -50,8 +50,7 @@ def run_lr_sweep(preset: ExperimentPreset, *, progress: str = "auto") -> SweepRe
     if not preset.lrs:
         raise UserError(f"preset {preset.name!r} has no learning rates to sweep (a tuning preset? use `tune`)")
     exp = open_experiment(KIND, preset, progress=progress)
-    status = "FAILED"
-    try:
+    with exp.closing():
         for i, (spec, lr, seed) in enumerate(plan(preset), 1):
             config = preset.base_config(spec, lr=lr, seed=seed)
             tc = config.train
@@ -67,10 +66,4 @@ def run_lr_sweep(preset: ExperimentPreset, *, progress: str = "auto") -> SweepRe
                 result.status,
                 result.action,
             )
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        exp.close(status)
     return SweepResult(exp.parent_id, exp.results)

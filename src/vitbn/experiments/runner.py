@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,19 @@ class Experiment:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status)
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Ends the parent run FINISHED when the block completes, KILLED on Ctrl-C, FAILED on an error."""
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.close(status)
 
 
 def run_name(tags: dict[str, str]) -> str:

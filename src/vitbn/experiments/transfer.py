@@ -88,8 +88,7 @@ def run_transfer(preset: ExperimentPreset, plan: TransferPlan | None = None, *, 
 
     plan = plan or PLANS.get(preset.name, TransferPlan())
     exp = open_experiment(KIND, preset, progress=progress)
-    status = "FAILED"
-    try:
+    with exp.closing():
         for seed in preset.seeds:
             for spec in preset.models:
                 base = preset.base_config(spec, lr=preset.lrs[0], seed=seed)
@@ -101,12 +100,6 @@ def run_transfer(preset: ExperimentPreset, plan: TransferPlan | None = None, *, 
                 for target in plan.targets:
                     for mode in MODES:
                         _target_child(exp, preset, spec, target, mode, plan, seed, base_file)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        exp.close(status)
     return SweepResult(exp.parent_id, exp.results)
 
 
