@@ -54,9 +54,10 @@ def cells_table(runs: pd.DataFrame, history: pd.DataFrame, best: dict[str, dict[
     plain = table[(table["level"] == PLAIN[0]) & (table["reg"] == PLAIN[1])].set_index(["model", "size"])["test_acc"]
     table["gain"] = [100 * (acc - plain.get((m, s), math.nan))
                      for m, s, acc in zip(table["model"], table["size"], table["test_acc"])]  # fmt: skip
-    order = {level: i for i, level in enumerate(AUGREG_LEVELS)}
-    return table.sort_values(["model", "size", "level", "reg"], key=lambda c: c.map(order) if c.name == "level"
-                             else c.map(_size_key) if c.name == "size" else c).reset_index(drop=True)  # fmt: skip
+    table["_size"] = table["size"].map(_size_key)
+    table["_level"] = table["level"].map(AUGREG_LEVELS.index)
+    table = table.sort_values(["model", "_size", "_level", "reg"]).drop(columns=["_size", "_level"])
+    return table.reset_index(drop=True)
 
 
 def _size_key(size: str) -> float:
