@@ -44,7 +44,7 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "experiment",
-        help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms, sam, augreg or transfer",
+        help="run an experiment: lr-sweep (study 1), tune (study 2), recipes, norms, sam, augreg, transfer or best",
     )
     sub = parser.add_subparsers(dest="experiment_command", metavar="EXPERIMENT", required=True)
     sweep = sub.add_parser("lr-sweep", help="models x learning rates x seeds, nested MLflow runs (resumable); "
@@ -63,8 +63,10 @@ def register(subparsers) -> None:
                             "ViT and ViTBN, the epoch selected on validation, with a report and heatmap")  # fmt: skip
     transfer = sub.add_parser("transfer", help="pre-train on MNIST, then digits from scratch (+ AugReg) and "
                               "fine-tuned (all, attention, FFN, head), ViT and ViTBN, with a report")  # fmt: skip
+    best = sub.add_parser("best", help="the best MNIST model per norm (ViT, ViTBN): every recipe, light "
+                          "augmentation, a longer schedule, the epoch chosen on validation, with a report")  # fmt: skip
     for parser_, name in ((recipes, "recipes"), (norms, "norms"), (sam, "sam"), (augreg, "augreg"),
-                          (transfer, "transfer")):  # fmt: skip
+                          (transfer, "transfer"), (best, "best")):  # fmt: skip
         _common(parser_, RUN_FLAGS)
         parser_.add_argument("--full", action="store_true", help=f"the full-size preset {name}-full (for a GPU)")
         parser_.add_argument("--epochs", type=int, help="epochs of every training run")
@@ -146,7 +148,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_with_report(args: argparse.Namespace) -> int:
-    """``experiment recipes``, ``norms``, ``sam``, ``augreg`` and ``transfer``: an lr sweep of the preset (the
+    """``experiment recipes``, ``norms``, ``sam``, ``augreg``, ``transfer`` and ``best``: an lr sweep of the preset (the
     transfer: its pre-training, then the target runs), then the experiment's own report."""
     from vitbn.experiments.lr_sweep import run_lr_sweep
     from vitbn.experiments.transfer import run_transfer
@@ -172,13 +174,23 @@ def run_with_report(args: argparse.Namespace) -> int:
                                           options=sam.ANALYSIS_FULL if args.full else sam.ANALYSIS)  # fmt: skip
     else:
         from vitbn.experiments.augreg import build_augreg_report
+        from vitbn.experiments.best import build_best_report
         from vitbn.experiments.norms import build_norms_report
         from vitbn.experiments.recipes import build_recipes_report
         from vitbn.experiments.transfer import build_transfer_report
 
-        builders = {"norms": build_norms_report, "augreg": build_augreg_report, "transfer": build_transfer_report}
+        builders = {
+            "norms": build_norms_report,
+            "augreg": build_augreg_report,
+            "transfer": build_transfer_report,
+            "best": build_best_report,
+        }
         build = builders.get(args.report_kind, build_recipes_report)
         report = build(result.parent_id, out, tracking_uri=uri)
+        if args.report_kind == "best":
+            from vitbn.experiments.best import keep_for_demo
+
+            print("\n".join(keep_for_demo(report.table, args.out_dir or "runs")))
     print(f"report: {report.markdown} and {report.figure}")
     return 0
 

@@ -460,8 +460,7 @@ PRESETS: dict[str, ExperimentPreset] = {
         ),
         ExperimentPreset(
             name="best-full",
-            description="The best experiment at full size (for a GPU): 100 epochs (5 of warm-up), seeds 0 and 1, "
-            "bf16.",
+            description="The best experiment at full size (for a GPU): 100 epochs (5 of warm-up), seeds 0 and 1, bf16.",
             models=BEST_MODELS,
             lrs=[0.001],
             seeds=[0, 1],

@@ -156,9 +156,37 @@ def _check_shape(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return a
 
 
+DEMO_DIR = "demo"  # under the runs folder: the demo's default model per name, kept by ``vitbn experiment best``
+
+
+def _val_acc(path: Path) -> float:
+    """The validation accuracy a selected checkpoint (``best.pt``) records in its ``meta``; -1 when it has none."""
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta") or {}
+    return float(meta.get("best/val_acc", -1.0))
+
+
+def keep_for_demo(checkpoint: str | Path, root: str | Path = "runs") -> Path | None:
+    """Copies a selected checkpoint (``best.pt``, MNIST) to ``root/demo/<name>.pt``, the demo's default for its
+    model name, when its recorded validation accuracy beats the one kept there (or none is); returns the kept path,
+    or None when the one there is at least as good. The copy is atomic (temp file + rename)."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    name, dataset = payload["config"]["name"], (payload.get("data") or {}).get("dataset")
+    if dataset != "mnist" or "best/val_acc" not in (payload.get("meta") or {}):
+        raise UserError(f"{checkpoint}: not a checkpoint selected on an MNIST validation split (no best/val_acc)")
+    target = Path(root) / DEMO_DIR / f"{name}.pt"
+    if target.exists() and _val_acc(target) >= payload["meta"]["best/val_acc"]:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(Path(checkpoint).read_bytes())
+    tmp.replace(target)
+    return target
+
+
 def find_study_models(root: str | Path = "runs", names: tuple[str, ...] = STUDY_MODELS) -> list[Path]:
-    """The newest model file (by modification time) of each of ``names`` under ``root`` (what ``make run``
-    writes: ``runs/<experiment>/<run>/model.pt``), in the order of ``names``; names with none are left out."""
+    """Per name of ``names`` (in that order; names with none are left out): the model kept for the demo
+    (``root/demo/<name>.pt``, see ``keep_for_demo``), else the newest model file (by modification time) under
+    ``root`` (what ``make run`` writes: ``runs/<experiment>/<run>/model.pt``)."""
     newest: dict[str, tuple[float, Path]] = {}
     for path in Path(root).rglob(MODEL_NAME):
         try:
@@ -168,4 +196,5 @@ def find_study_models(root: str | Path = "runs", names: tuple[str, ...] = STUDY_
         mtime = path.stat().st_mtime
         if name in names and (name not in newest or mtime > newest[name][0]):
             newest[name] = (mtime, path)
-    return [newest[n][1] for n in names if n in newest]
+    kept = {n: Path(root) / DEMO_DIR / f"{n}.pt" for n in names}
+    return [kept[n] if kept[n].exists() else newest[n][1] for n in names if kept[n].exists() or n in newest]
