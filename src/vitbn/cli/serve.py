@@ -10,14 +10,15 @@ def register(subparsers) -> None:
         "serve",
         help="the browser demo: draw a digit and see ViT, ViTBNFFN and ViTBN name it (JSON API too)",
         description="Loads the models once (BatchNorm folded, eval mode) and serves the page and /api/predict. "
-        "Without --checkpoint: the newest model of each of vit, vitbnffn and vitbn under --runs-dir.",
+        "Without --checkpoint: for each of vit, vitbnffn and vitbn, the model `vitbn experiment best` kept in "
+        "--runs-dir/demo/ (the best on validation), else the newest under --runs-dir.",
     )
     p.add_argument(
         "--checkpoint",
         action="append",
         default=[],
         metavar="FILE",
-        help="a model.pt or run folder (repeatable); default: the newest study models under --runs-dir",
+        help="a model.pt or run folder (repeatable); default: RUNS_DIR/demo/<name>.pt, else the newest study models",
     )
     p.add_argument("--runs-dir", default="runs", help="where `vitbn train` and `make run` write runs (default runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
