@@ -12,9 +12,12 @@ from vitbn.report.build import report_blocks, to_markdown, write_report
 from vitbn.report.runs import RunSet, model_config_from_params, model_size
 from vitbn.report.tables import (
     comparison_sentences,
+    epoch_selection_cells,
     flops_sentence,
     format_cells,
     per_epoch_median,
+    selection_sentences,
+    selection_table,
     summary_table,
     time_to_reach,
 )
@@ -230,3 +233,29 @@ def test_model_size_from_logged_params(tiny_overrides):
     params = {k: str(v) for k, v in flatten({"model": to_dict(model.config)}).items()}
     assert model_config_from_params(params) == model.config
     assert model_size(params) == (count_params(model), forward_flops(model))
+
+
+def test_epoch_selection_rows_and_which_split_chose_what():
+    base = {"model": "vit", "depth": 3, "seed": 0, "epochs": 20, "status": "finished", "phase": "sweep"}
+    runs = pd.DataFrame([
+        {**base, "label": "vit-a", "lr": 0.001, "val_acc": 0.98, "final_acc": 0.9906, "test_every_epoch": False,
+         "best_epoch": 16.0, "best_val_acc": 0.98766, "best_test_acc": 0.9905},
+        {**base, "label": "vit-b", "lr": 0.001, "val_acc": 0.97, "final_acc": 0.97, "test_every_epoch": False,
+         "best_epoch": math.nan, "best_val_acc": math.nan, "best_test_acc": math.nan},
+    ])  # fmt: skip
+    assert epoch_selection_cells(runs) == [["vit-a", "0.001", "0", "16", "20", "98.77%", "99.05%", "99.06%"]]
+    lines = selection_sentences(runs, selection_table(runs))
+    assert lines == [
+        "Epoch: chosen on the validation split (its best epoch, kept as best.pt); the test set was read once for that "
+        "checkpoint (test acc (chosen)).",
+        "Test set: read once, at the end; it chose nothing.",
+    ]
+    study = runs.drop(columns=["best_epoch"]).assign(val_acc=math.nan, test_every_epoch=True, lr=[0.0005, 0.005])
+    assert epoch_selection_cells(study) == []
+    assert selection_sentences(study, selection_table(study)) == [
+        "Learning rate: not chosen (no validation split); every rate is shown, none is a selection.",
+        "Test set: evaluated after every epoch (the study's practice), so any best-over-epochs figure is chosen on the "
+        "test set and optimistic; it selects nothing here.",
+    ]
+    swept = runs.assign(lr=[0.0005, 0.005], model=["vit", "vit"])
+    assert selection_sentences(swept, selection_table(swept))[0].startswith("Learning rate: chosen on the validation")

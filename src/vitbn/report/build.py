@@ -19,10 +19,13 @@ from vitbn.report import plots
 from vitbn.report.runs import RunSet, load_run_set
 from vitbn.report.tables import (
     COLUMNS,
+    EPOCH_SELECTION_HEADER,
     comparison_sentences,
+    epoch_selection_cells,
     format_cells,
     markdown_table,
     selection_cells,
+    selection_sentences,
     selection_table,
     summary_table,
     usable_epoch_seconds,
@@ -164,16 +167,20 @@ def _tuning_blocks(trials: pd.DataFrame, best: dict[str, dict]) -> list[Block]:
 
 def _selection_blocks(runs: RunSet) -> list[Block]:
     table = selection_table(runs.runs)
-    if table.empty:
-        return []
-    header, cells = selection_cells(table)
-    text = (
-        "Per model, the learning rate with the highest mean final validation accuracy over its seeds (a diverged "
-        "or unfinished seed counts 0 in the choice; the val acc columns average the finished ones), and the test "
-        "accuracy of the finished runs at that rate: mean ± sample std and the Student-t 95% interval of the "
-        "mean over seeds (wide with few seeds). The test set plays no part in the choice."
-    )
-    return [("h2", "Learning rate chosen on validation"), ("table", header, cells), ("p", text)]
+    blocks: list[Block] = [("h2", "What the validation split chose"), ("ul", selection_sentences(runs.runs, table))]
+    if not table.empty:
+        header, cells = selection_cells(table)
+        text = (
+            "Per model, the learning rate with the highest mean final validation accuracy over its seeds (a diverged "
+            "or unfinished seed counts 0 in the choice; the val acc columns average the finished ones), and the test "
+            "accuracy of the finished runs at that rate: mean ± sample std and the Student-t 95% interval of the "
+            "mean over seeds (wide with few seeds). The test set plays no part in the choice."
+        )
+        blocks += [("h2", "Learning rate chosen on validation"), ("table", header, cells), ("p", text)]
+    epochs = epoch_selection_cells(runs.runs)
+    if epochs:
+        blocks += [("h2", "Epoch chosen on validation"), ("table", EPOCH_SELECTION_HEADER, epochs)]
+    return blocks if len(blocks[1][1]) or len(blocks) > 2 else []
 
 
 def runs_sentence(runs: pd.DataFrame) -> str:

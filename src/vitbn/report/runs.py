@@ -139,6 +139,9 @@ def _row(run) -> dict:
         "mlflow_status": run.info.status,
         "final_acc": final,
         "val_acc": metrics.get("val/acc", math.nan),
+        "best_epoch": metrics.get("best/epoch", math.nan),  # the epoch chosen on validation (best.pt), if any
+        "best_val_acc": metrics.get("best/val_acc", math.nan),
+        "best_test_acc": metrics.get("best/test_acc", math.nan),  # the test set read once, for that epoch
         "objective": metrics.get("hpo/objective", metrics.get("val/acc", math.nan)),
         "params": n_params,
         "flops": flops,

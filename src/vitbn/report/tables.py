@@ -360,3 +360,47 @@ def selection_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             [DISPLAY.get(row["model"], row["model"]), str(row["depth"]), *vals, chosen, str(row["seeds"]), test]
         )
     return header, cells
+
+
+EPOCH_SELECTION_HEADER = ["run", "lr", "seed", "chosen epoch", "of", "val acc (chosen)", "test acc (chosen)",
+                          "test acc (last)"]  # fmt: skip
+
+
+def epoch_selection_cells(runs: pd.DataFrame) -> list[list[str]]:
+    """One row per run that chose an epoch on its validation split (``best_epoch``, from ``best/epoch``): the
+    epoch, the run's epochs, validation and test accuracy of that checkpoint, and the last epoch's test accuracy.
+    Empty when no run chose one (no validation split, or runs logged before selection existed)."""
+    if "best_epoch" not in runs:
+        return []
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}%" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+    chose = runs[runs["best_epoch"].notna()]
+    return [[r["label"], f"{r['lr']:g}", str(int(r["seed"])), f"{r['best_epoch']:.0f}", str(int(r["epochs"])),
+             pct(r["best_val_acc"]), pct(r["best_test_acc"]), pct(r["final_acc"])]
+            for _, r in chose.iterrows()]  # fmt: skip
+
+
+def selection_sentences(runs: pd.DataFrame, lr_table: pd.DataFrame) -> list[str]:
+    """Which split chose what, for any run set: the learning rate (``lr_table``: ``selection_table``'s), the epoch,
+    and what the test set was used for."""
+    has_val = "val_acc" in runs and runs["val_acc"].notna().any()
+    every_epoch = "test_every_epoch" in runs and runs["test_every_epoch"].any()
+    chose_epoch = "best_epoch" in runs and runs["best_epoch"].notna().any()
+    out = []
+    if not lr_table.empty:
+        out.append("Learning rate: chosen on the validation split (mean final validation accuracy over seeds).")
+    elif runs["lr"].nunique() > 1 and not has_val:
+        out.append("Learning rate: not chosen (no validation split); every rate is shown, none is a selection.")
+    if chose_epoch:
+        out.append("Epoch: chosen on the validation split (its best epoch, kept as best.pt); the test set was read "
+                   "once for that checkpoint (test acc (chosen)).")  # fmt: skip
+    elif has_val:
+        out.append("Epoch: not chosen; the accuracy reported is the last epoch's.")
+    if every_epoch:
+        out.append("Test set: evaluated after every epoch (the study's practice), so any best-over-epochs figure "
+                   "is chosen on the test set and optimistic; it selects nothing here.")  # fmt: skip
+    elif has_val:
+        out.append("Test set: read once, at the end; it chose nothing.")
+    return out
