@@ -188,9 +188,9 @@ def run_with_report(args: argparse.Namespace) -> int:
         build = builders.get(args.report_kind, build_recipes_report)
         report = build(result.parent_id, out, tracking_uri=uri)
         if args.report_kind == "best":
-            from vitbn.experiments.best import keep_for_demo
+            from vitbn.experiments.best import keep_runs_for_demo
 
-            print("\n".join(keep_for_demo(report.table, args.out_dir or "runs")))
+            print("\n".join(keep_runs_for_demo(report.table, args.out_dir or "runs")))
     print(f"report: {report.markdown} and {report.figure}")
     return 0
 

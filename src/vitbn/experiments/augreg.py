@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitbn.experiments.presets import AUGREG_LEVELS, AUGREG_REG
-from vitbn.experiments.recipes import load_experiment, write_report
+from vitbn.experiments.recipes import load_experiment, save_figure, write_report
 from vitbn.provenance import current
 from vitbn.report.build import runs_sentence
 from vitbn.report.tables import markdown_table, per_epoch_median
@@ -123,9 +123,7 @@ def _figure(table: pd.DataFrame, path: Path) -> Path:
         ax.set(title=f"{model}, {size} images", xticks=range(len(regs)), xticklabels=["none", "0.1"],
                yticks=range(len(AUGREG_LEVELS)), yticklabels=AUGREG_LEVELS, xlabel="regularization")  # fmt: skip
     fig.colorbar(image, ax=axes[0].tolist(), label="test acc gain over plain (points)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight="bbox")
 
 
 def build_augreg_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> AugregReport:

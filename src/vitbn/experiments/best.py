@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitbn.engine.selection import BEST_NAME
-from vitbn.experiments.recipes import load_experiment, write_report
+from vitbn.experiments.recipes import load_experiment, save_figure, write_report
 from vitbn.provenance import current
 from vitbn.report.build import runs_sentence
 from vitbn.report.tables import markdown_table
@@ -94,10 +94,7 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, path: Path) -> Path:
     loss_ax.set(title="training loss (label smoothing 0.1)", xlabel="epoch")
     for ax in (acc_ax, loss_ax):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_best_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> BestReport:
@@ -126,7 +123,7 @@ def build_best_report(key: str, out_dir: str | Path, *, tracking_uri: str | None
     return BestReport(table, write_report(client, parent, out, body, figure), figure)
 
 
-def keep_for_demo(table: pd.DataFrame, root: str | Path) -> list[str]:
+def keep_runs_for_demo(table: pd.DataFrame, root: str | Path) -> list[str]:
     """Each run's selected checkpoint becomes the demo's default for its model (``root/demo/<name>.pt``) when its
     validation accuracy beats the one kept there; one line per run says what happened."""
     from vitbn.serve.predictor import keep_for_demo as keep

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitbn.experiments.recipes import load_experiment, provenance, write_report
+from vitbn.experiments.recipes import load_experiment, provenance, save_figure, write_report
 from vitbn.provenance import current
 from vitbn.report.tables import format_acc, markdown_table, mean_interval, per_epoch_median
 
@@ -164,10 +164,7 @@ def _figure(table: pd.DataFrame, by_lr: pd.DataFrame, path: Path) -> Path:
         ax.barh(names, table[column])
         ax.set(title=title)
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_norms_report(key: str, out_dir: str | Path, *, tracking_uri: str | None = None) -> NormsReport:

@@ -96,10 +96,7 @@ def _figure(table: pd.DataFrame, history: pd.DataFrame, runs: pd.DataFrame, path
         ax.barh(table["label"], table[column])
         ax.set(title=title)
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def provenance(made: Provenance, runs: pd.DataFrame, measured: str = "the latency column",
@@ -120,6 +117,18 @@ def load_experiment(key: str, tracking_uri: str | None = None):
     for run_id, label in zip(runs.runs["run_id"], runs.runs["label"]):
         configs.setdefault(label, model_config_from_params(client.get_run(run_id).data.params))
     return client, parent, runs, configs
+
+
+def save_figure(fig, path: Path, tight: str = "layout") -> Path:
+    """Writes an experiment report's figure as PNG (100 dpi) and closes it: ``tight="layout"`` lays it out first,
+    ``"bbox"`` crops to what is drawn (a figure with a shared colorbar)."""
+    import matplotlib.pyplot as plt
+
+    if tight == "layout":
+        fig.tight_layout()
+    fig.savefig(path, dpi=100, **({"bbox_inches": "tight"} if tight == "bbox" else {}))
+    plt.close(fig)
+    return path
 
 
 def write_report(client, parent, out: Path, body: list[str], figure: Path) -> Path:

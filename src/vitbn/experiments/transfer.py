@@ -232,6 +232,8 @@ def _figure(table: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vitbn.experiments.recipes import save_figure
+
     groups = list(table.groupby(["model", "target"], sort=False))
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.5 * max(1, len(groups)), 3.5), squeeze=False)
     for ax, ((model, target), g) in zip(axes[0], groups):
@@ -239,7 +241,4 @@ def _figure(table: pd.DataFrame, path: Path) -> Path:
         lo = max(0.0, 100 * float(g["test_acc"].min()) - 5)
         ax.set(title=f"{model} on {target}", xlabel="test acc % (best val epoch)", xlim=(lo, 100))
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

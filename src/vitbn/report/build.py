@@ -167,7 +167,8 @@ def _tuning_blocks(trials: pd.DataFrame, best: dict[str, dict]) -> list[Block]:
 
 def _selection_blocks(runs: RunSet) -> list[Block]:
     table = selection_table(runs.runs)
-    blocks: list[Block] = [("h2", "What the validation split chose"), ("ul", selection_sentences(runs.runs, table))]
+    sentences = selection_sentences(runs.runs, table)
+    blocks: list[Block] = [("h2", "What the validation split chose"), ("ul", sentences)] if sentences else []
     if not table.empty:
         header, cells = selection_cells(table)
         text = (
@@ -180,7 +181,7 @@ def _selection_blocks(runs: RunSet) -> list[Block]:
     epochs = epoch_selection_cells(runs.runs)
     if epochs:
         blocks += [("h2", "Epoch chosen on validation"), ("table", EPOCH_SELECTION_HEADER, epochs)]
-    return blocks if len(blocks[1][1]) or len(blocks) > 2 else []
+    return blocks
 
 
 def runs_sentence(runs: pd.DataFrame) -> str:

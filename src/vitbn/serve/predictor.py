@@ -187,8 +187,10 @@ def find_study_models(root: str | Path = "runs", names: tuple[str, ...] = STUDY_
     """Per name of ``names`` (in that order; names with none are left out): the model kept for the demo
     (``root/demo/<name>.pt``, see ``keep_for_demo``), else the newest model file (by modification time) under
     ``root`` (what ``make run`` writes: ``runs/<experiment>/<run>/model.pt``)."""
+    kept = {n: Path(root) / DEMO_DIR / f"{n}.pt" for n in names}
+    kept = {n: path for n, path in kept.items() if path.exists()}
     newest: dict[str, tuple[float, Path]] = {}
-    for path in Path(root).rglob(MODEL_NAME):
+    for path in Path(root).rglob(MODEL_NAME) if len(kept) < len(names) else ():  # every name kept: nothing to read
         try:
             name = torch.load(path, map_location="cpu", weights_only=True)["config"]["name"]
         except Exception:  # an unreadable file is not a candidate; one named on the command line is reported
@@ -196,5 +198,4 @@ def find_study_models(root: str | Path = "runs", names: tuple[str, ...] = STUDY_
         mtime = path.stat().st_mtime
         if name in names and (name not in newest or mtime > newest[name][0]):
             newest[name] = (mtime, path)
-    kept = {n: Path(root) / DEMO_DIR / f"{n}.pt" for n in names}
-    return [kept[n] if kept[n].exists() else newest[n][1] for n in names if kept[n].exists() or n in newest]
+    return [kept[n] if n in kept else newest[n][1] for n in names if n in kept or n in newest]
