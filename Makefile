@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 SHARED_DATA := $(wildcard $(CURDIR)/../shared/data)
 export VITBN_DATA ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: run test lint format clean browser
+.PHONY: run test test-kernels lint format clean browser
 # The browser test drives Debian's Chromium (Playwright's own browser download is not used).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHROMIUM_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
@@ -26,6 +26,12 @@ browser:
 
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
+
+# The numerics tests again under the ATen kernels of other CPUs: the portable C++ path and AVX2 (what an AVX-512
+# or AMX machine's tolerances must also survive). CI runs this after `make test`.
+test-kernels: $(VENV)/.installed
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m numerics -p no:cacheprovider
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m numerics -p no:cacheprovider
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
