@@ -25,7 +25,9 @@ from vitbn.bench import (
     warm_up,
 )
 from vitbn.bench.cases import categorize, op_shares, peak_memory
+from vitbn.bench.roofline import roofline
 from vitbn.bench.suite import MNIST_TRAIN_IMAGES, Spec, make_row, model_depths, plan, time_loader
+from vitbn.bench.system import cpu_features
 from vitbn.bench.timing import matmul_case
 from vitbn.cli import main
 from vitbn.errors import UserError
@@ -34,7 +36,7 @@ from vitbn.models import create_model
 TINY = dict(dim=16, heads=2, dim_head=8, mlp_dim=32)
 TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
 FAST = ["--repeats", "2", "--warmup", "1", "--min-repeat-s", "0", "--peak-size", "128", "--batch-size", "8"]
-FAST += ["--infer-batch-size", "16", "--no-loader"]
+FAST += ["--infer-batch-size", "16", "--no-loader", "--bandwidth-mib", "8"]
 CPU = torch.device("cpu")
 
 
@@ -112,6 +114,9 @@ def test_derived_figures_are_consistent(cli_run):
         assert_close(row["gflops"], row["flops_img"] * row["img_s"] / 1e9)
         assert_close(row["peak_gflops"], peak["median"])
         assert_close(row["util_pct"], row["gflops"] / row["peak_gflops"] * 100)
+        bound = roofline(row["flops_img"], row["bytes_img"], peak["median"], result["meta"]["bandwidth_gb_s"])
+        assert row["bytes_img"] > 0 and (row["roof_img_s"], row["bound"]) == (bound["roof_img_s"], bound["bound"])
+        assert_close(row["roof_pct"], 100 * row["img_s"] / row["roof_img_s"])
         assert row["mem_mb"] > 0 and row["mem_method"] == "torch.profiler tensor allocations"
         if row["mode"] == "train":
             assert_close(row["epoch_s"], MNIST_TRAIN_IMAGES / row["img_s"])
@@ -141,6 +146,9 @@ def test_paired_ratios_are_medians_of_per_round_ratios(cli_run):
 
 def test_json_read_back_equals_the_printed_rows(cli_run):
     printed, result = cli_run
+    first = printed.splitlines()[0]
+    assert f"commit {result['meta']['commit']}" in first and f"[{cpu_features()}]" in first
+    assert f"memory bandwidth (large copy, median) {result['meta']['bandwidth_gb_s']:.1f} GB/s" in printed
     assert format_table(result["rows"]) in printed
     assert "peak (dense matmul, median): fp32" in printed
     assert "BN folded / ViT inference" in printed

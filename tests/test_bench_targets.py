@@ -17,9 +17,9 @@ from vitbn.errors import UserError
 CPU = torch.device("cpu")
 
 
-def _row(model, depth, mode, compiled=False, util=None, loader=None, status="ok"):
+def _row(model, depth, mode, compiled=False, util=None, loader=None, status="ok", bound="compute", roof=None):
     return {"model": model, "depth": depth, "precision": "fp32", "mode": mode, "compiled": compiled,
-            "util_pct": util, "loader_pct": loader, "status": status}  # fmt: skip
+            "util_pct": util, "loader_pct": loader, "status": status, "bound": bound, "roof_pct": roof}  # fmt: skip
 
 
 def _cmp(what, a, ratio, target):
@@ -28,9 +28,9 @@ def _cmp(what, a, ratio, target):
 
 def test_target_rows_judge_every_target_from_the_result():
     result = {
-        "rows": [_row("vit", 6, "train", util=45.7, loader=0.04), _row("vit", 6, "train", True, util=72.0),
+        "rows": [_row("vit", 6, "train", util=45.7, loader=0.04), _row("vit", 6, "train", True, util=52.0),
                  _row("vit", 1, "train", util=99.0), _row("vitbn", 6, "infer_folded")],
-        "comparisons": [_cmp("bf16 / fp32 training", "vit@6 bf16 train", 1.8, 2.0),
+        "comparisons": [_cmp("bf16 / fp32 training", "vit@6 bf16 train", 2.5, 3.0),
                         _cmp("BN folded / ViT inference", "vitbn@6 fp32 infer_folded", 0.96, 1.0),
                         _cmp("compiled / eager", "vit@6 fp32 train compiled", 1.7, 0.0)],
         "norms": {"ratios": [{"what": "bn / ln infer_folded fp32 b1", "variant": "bn", "ratio": 1.05},
@@ -43,6 +43,7 @@ def test_target_rows_judge_every_target_from_the_result():
             ["met"]) == (45.7, False)  # fmt: skip
     assert rows["fp32 matmul peak used by vit@6 train compiled"]["met"] is True
     assert rows["bf16 / fp32 training (vit@6 bf16 train)"]["met"] is False
+    assert rows["bf16 / fp32 training (vit@6 bf16 train)"]["goal"] == ">= 3x"  # the comparison's own target
     assert rows["folded BN / ViT inference (vitbn@6 fp32 infer_folded)"]["measured"] == 0.96
     assert rows["folded bn / ln infer_folded fp32 b1"]["met"] is True
     assert rows["loader share of a training epoch (largest)"]["measured"] == 0.04
@@ -50,7 +51,16 @@ def test_target_rows_judge_every_target_from_the_result():
     text = format_targets(list(rows.values()))
     assert text.splitlines()[0] == "targets (measured in this run):"
     line = next(x for x in text.splitlines() if "matmul peak used by vit@6 train " in x)
-    assert line.split()[-5:] == ["45.700", ">=", "70%", "NOT", "met"]
+    assert line.split()[-5:] == ["45.700", ">=", "50%", "NOT", "met"]
+
+
+def test_a_memory_bound_step_is_judged_against_its_roofline():
+    rows = target_rows({"rows": [_row("vit", 6, "train", util=30.0, bound="memory", roof=75.0)], "comparisons": []})
+    (row,) = [r for r in rows if "vit@6 train" in r["what"]]
+    assert (row["what"], row["measured"], row["goal"], row["met"]) == (
+        "roofline bound (memory) reached by vit@6 train", 75.0, ">= 70%", True)  # fmt: skip
+    rows = target_rows({"rows": [_row("vit", 6, "train", util=30.0, bound="memory", roof=60.0)], "comparisons": []})
+    assert next(r for r in rows if "vit@6 train" in r["what"])["met"] is False
 
 
 def _timed(name: str, seconds: list[float]) -> Case:

@@ -1,7 +1,21 @@
-"""vitbn: train, time, track, tune and compare Vision Transformers with LayerNorm and BatchNorm."""
+"""vitbn: train, time, track, tune and compare Vision Transformers with LayerNorm and BatchNorm.
 
-from vitbn.models import VisionTransformer, ViT, ViTBN, ViTBNFFN, create_model, list_models
+The model classes are imported on first use, so that ``import vitbn.cli`` (the ``vitbn`` command) can set up the
+CPU runtime (``vitbn.runtime.openmp_defaults``) before anything loads torch and its OpenMP runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
 __all__ = ["ViT", "ViTBN", "ViTBNFFN", "VisionTransformer", "create_model", "list_models", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        value = getattr(importlib.import_module("vitbn.models"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vitbn' has no attribute {name!r}")

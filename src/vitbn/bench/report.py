@@ -24,6 +24,10 @@ COLUMNS = (
     ("GFLOP/s", "gflops", "{:.1f}"),
     ("peak", "peak_gflops", "{:.1f}"),
     ("util%", "util_pct", "{:.1f}"),
+    ("MB/img", "bytes_img", "{:.2f}"),
+    ("roof img/s", "roof_img_s", "{:.0f}"),
+    ("roof%", "roof_pct", "{:.0f}"),
+    ("bound", "bound", "{}"),
     ("s/epoch", "epoch_s", "{:.1f}"),
     ("load%", "loader_pct", "{:.2f}"),
     ("mem MiB", "mem_mb", "{:.1f}"),
@@ -35,7 +39,10 @@ COLUMNS = (
 LEGEND = """\
 img/s: median over the interleaved rounds; ±%: (max - min) / median. MFLOP/img: matrix-product FLOPs per image
 (torch.utils.flop_counter; train = forward + backward). GFLOP/s = MFLOP/img x img/s / 1000. peak: dense matmul
-GFLOP/s in the same precision, timed in the same rounds; util% = GFLOP/s / peak. s/epoch = 60000 / img/s (the steps
+GFLOP/s in the same precision, timed in the same rounds; util% = GFLOP/s / peak. MB/img: bytes that the matrix
+products and layout changes (copies, casts, cat) read and write per image. roof img/s: the roofline bound, the
+slower of the FLOPs at the peak and the bytes at the measured memory bandwidth; roof% = img/s / roof img/s; bound:
+which of the two limits it. s/epoch = 60000 / img/s (the steps
 of an MNIST epoch); load% = loader epoch / (loader epoch + s/epoch). mem MiB: peak tensor memory of one call above
 the level before it. norm%, mm%: share of operator time in normalization / matrix products (torch.profiler,
 eager cases)."""
@@ -47,7 +54,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return "-"
     if key == "compiled":
         return "yes" if value else "no"
-    if key == "flops_img":
+    if key in ("flops_img", "bytes_img"):
         value = value / 1e6
     return fmt.format(value)
 
@@ -80,11 +87,17 @@ def format_report(result: dict) -> str:
     sections, the loader (the terminal and the ``--markdown`` page show this same text)."""
     meta = result["meta"]
     out = [
-        f"vitbn bench  {meta['date']}  {meta['device_name']}  torch {meta['torch']}  threads {meta['threads']}",
+        f"vitbn bench  {meta['date']}  commit {meta.get('commit', '?')}  {meta['device_name']}  torch {meta['torch']}  "
+        f"threads {meta['threads']}",
         f"load avg (1, 5, 15 min) at start {meta['load_avg']}, at end {meta.get('load_avg_end')}  "
         f"allocator tuned: {meta['allocator_tuned']}  compile: {meta['compile']}  took {meta['seconds']:.0f} s",
         "peak (dense matmul, median): "
-        + ", ".join(f"{p} {v['median']:.1f} GFLOP/s (n={v['size']})" for p, v in result["peaks"].items()),
+        + ", ".join(f"{p} {v['median']:.1f} GFLOP/s (n={v['size']})" for p, v in result["peaks"].items())
+        + (
+            f"; memory bandwidth (large copy, median) {meta['bandwidth_gb_s']:.1f} GB/s"
+            if meta.get("bandwidth_gb_s")
+            else ""
+        ),
         "",
         format_table(result["rows"]),
         "",

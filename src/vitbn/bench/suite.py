@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vitbn.bench import cases as C
+from vitbn.bench.roofline import bandwidth_case, bytes_moved, roofline
 from vitbn.bench.system import environment, native_bf16, tune_cpu_allocator
 from vitbn.bench.targets import against_reference, profile_training
 from vitbn.bench.timing import Case, interleave, matmul_case, paired_ratio, summarize, warm_up
@@ -44,6 +45,7 @@ class BenchOptions:
     repeats: int = 7  # timed rounds; every round times every case once
     min_repeat_s: float = 0.3  # a repeat runs enough iterations to last this long
     peak_size: int = 2048  # the n of the n^3 matrix product that measures the peak
+    bandwidth_mib: int = 512  # the buffer copied to measure main-memory bandwidth (well beyond the caches)
     loader: bool = True  # time an InMemoryLoader epoch of MNIST
     loader_epochs: int = 3  # timed loader epochs (after one untimed)
     augment: str = "medium"  # also time the loader with this AugReg level on ("none": not)
@@ -163,7 +165,7 @@ def compiler_status(device: torch.device) -> str | None:
 
 def prepare(spec: Spec, options: BenchOptions, device: torch.device, compile_error: str | None) -> tuple[Case, dict]:
     """Builds and warms up the case of ``spec`` and measures everything but its speed."""
-    extras: dict = {"flops_img": None, "mem_mb": None, "mem_method": None, "op_shares": None}
+    extras: dict = {"flops_img": None, "bytes_img": None, "mem_mb": None, "mem_method": None, "op_shares": None}
     train = spec.mode == "train"
     batch = options.batch_size if train else options.infer_batch_size
     model = create_model(spec.model, depth=spec.depth, **options.overrides)
@@ -177,6 +179,10 @@ def prepare(spec: Spec, options: BenchOptions, device: torch.device, compile_err
         if spec.compiled and compile_error:
             raise Unavailable(compile_error)
         build = C.train_case if train else C.infer_case
+        # the bytes of the eager step (compiled kernels bypass the dispatcher), counted after a first call
+        eager = build(spec.name, model, precision=spec.precision, batch=batch, device=device, compile=False)
+        eager.run()
+        extras["bytes_img"] = bytes_moved(eager.run)["total"] / batch
         case = build(spec.name, model, precision=spec.precision, batch=batch, device=device, compile=spec.compiled)
         if spec.compiled:
             try:
@@ -244,14 +250,19 @@ def _num(x: float | None) -> float | None:
     return None if x is None or x != x else float(x)
 
 
-def make_row(spec: Spec, case: Case, extras: dict, peaks: dict[str, Case], loader: dict | None) -> dict:
-    """The table row of a measured case; the derived figures are computed from the stored medians."""
+def make_row(
+    spec: Spec, case: Case, extras: dict, peaks: dict[str, Case], loader: dict | None, bandwidth: float | None = None
+) -> dict:
+    """The table row of a measured case; the derived figures are computed from the stored medians. ``bandwidth``
+    (GB/s, measured in the same rounds) gives the case's roofline bound with its FLOPs and bytes."""
     status = "ok" if case.error is None else f"n/a ({case.error})"
     row = {**dataclasses.asdict(spec), "batch": case.images, "status": status}
     stats = summarize(case.samples)
     img_s, peak = stats["median"], peaks[spec.precision].img_s
     flops, shares = extras["flops_img"], extras["op_shares"]
     gflops = flops * img_s / 1e9 if flops is not None and case.error is None else None
+    roof = roofline(flops, extras.get("bytes_img"), peak, bandwidth or 0.0)
+    roof_pct = 100.0 * img_s / roof["roof_img_s"] if roof["roof_img_s"] and case.error is None else None
     row.update(
         img_s=_num(img_s),
         spread_pct=_num(stats["spread_pct"]),
@@ -260,6 +271,10 @@ def make_row(spec: Spec, case: Case, extras: dict, peaks: dict[str, Case], loade
         gflops=_num(gflops),
         peak_gflops=_num(peak),
         util_pct=_num(None if gflops is None else 100.0 * gflops / peak),
+        bytes_img=extras.get("bytes_img"),
+        roof_img_s=_num(roof["roof_img_s"]),
+        roof_pct=_num(roof_pct),
+        bound=roof["bound"],
         epoch_s=None,
         loader_pct=None,
         mem_mb=_num(extras["mem_mb"]),
@@ -276,11 +291,11 @@ def make_row(spec: Spec, case: Case, extras: dict, peaks: dict[str, Case], loade
     return row
 
 
-def comparisons(measured: dict[Spec, Case], extras: dict[Spec, dict]) -> list[dict]:
+def comparisons(measured: dict[Spec, Case], extras: dict[Spec, dict], bf16_target: float = 2.0) -> list[dict]:
     """Paired ratios (median over rounds of A/B, see ``paired_ratio``) that the issue sets targets for:
-    bf16 over fp32 training (>= 2), compiled over eager, BN folded inference over the ViT's at the same depth
-    (>= 1), and folded over unfolded inference, with the most folding can buy: removing all of the unfolded
-    model's normalization time, ``1 / (1 - norm share)`` (``bound``)."""
+    bf16 over fp32 training (>= ``bf16_target``), compiled over eager, BN folded inference over the ViT's at the
+    same depth (>= 1), and folded over unfolded inference, with the most folding can buy: removing all of the
+    unfolded model's normalization time, ``1 / (1 - norm share)`` (``bound``)."""
     out = []
 
     def add(what: str, a: Spec, b: Spec, target: float | None, bound: float | None = None) -> None:
@@ -294,7 +309,7 @@ def comparisons(measured: dict[Spec, Case], extras: dict[Spec, dict]) -> list[di
 
     for s in measured:
         if s.mode == "train" and s.precision == "bf16":
-            add("bf16 / fp32 training", s, dataclasses.replace(s, precision="fp32"), 2.0)
+            add("bf16 / fp32 training", s, dataclasses.replace(s, precision="fp32"), bf16_target)
         if s.compiled:
             add("compiled / eager", s, dataclasses.replace(s, compiled=False), None)
         if s.mode == "infer_folded":
@@ -324,7 +339,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
             log("checking torch.compile ...")
             compile_error = compiler_status(device)
         peaks = {p: matmul_case(_DTYPES[p], device, options.peak_size) for p in options.precisions}
-        for case in peaks.values():
+        bandwidth = bandwidth_case(device, options.bandwidth_mib)
+        for case in (*peaks.values(), bandwidth):
             warm_up(case, 1, 0.0)
         measured: dict[Spec, Case] = {}
         extras: dict[Spec, dict] = {}
@@ -334,7 +350,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         references = _references(options, device, compile_error, log) if options.reference else {}
         timed = [c for c in references.values() if c.error is None]
         log(f"timing {len(measured) + len(timed)} cases in {options.repeats} interleaved rounds ...")
-        interleave([*peaks.values(), *measured.values(), *timed], options.repeats)
+        interleave([*peaks.values(), bandwidth, *measured.values(), *timed], options.repeats)
         profile = profile_training(measured, device, options.profile_iters, options.profile_top, log)
         recipes = _recipes(options, device, log) if options.recipes else None
         norms = _norms(options, device, compile_error, log) if options.norms else None
@@ -351,17 +367,20 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         "date": date,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()},
         "allocator_tuned": tuned,
+        "bandwidth_gb_s": bandwidth.img_s,
         "compile": "disabled" if not options.compile else f"n/a ({compile_error})" if compile_error else "ok",
         "seconds": time.perf_counter() - started,
     }
     peak_info = {p: {"size": options.peak_size, **summarize(c.samples), "samples": c.samples} for p, c in peaks.items()}
-    rows = [make_row(s, measured[s], extras[s], peaks, loader) for s in measured]
+    rows = [make_row(s, measured[s], extras[s], peaks, loader, bandwidth.img_s) for s in measured]
+    # CPUs with bf16 matrix units (AMX, AVX512-BF16) should train bf16 at >= 3x fp32; elsewhere 2x
+    bf16_target = 3.0 if device.type == "cpu" and native_bf16(device) else 2.0
     return {
         "meta": meta,
         "peaks": peak_info,
         "loader": loader,
         "rows": rows,
-        "comparisons": comparisons(measured, extras) + against_reference(measured, references),
+        "comparisons": comparisons(measured, extras, bf16_target) + against_reference(measured, references),
         "profile": profile,
         "recipes": recipes,
         "norms": norms,

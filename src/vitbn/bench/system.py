@@ -1,50 +1,21 @@
-"""What the benchmark runs on, and the one process-wide setting that makes CPU training faster.
+"""What the benchmark runs on (CPU model and instruction sets, or the GPU), and the process-wide CPU settings.
 
-``tune_cpu_allocator`` keeps glibc from handing freed activation buffers back to the kernel. By default a
-buffer above the (dynamic, at most 32 MiB) mmap threshold is ``munmap``-ed when freed and page-faulted in
-again, page by page and zeroed by the kernel, when the next step allocates it; the heap's top is trimmed
-likewise. Counted with ``getrusage`` on the study's ViT (batch 100, 2-core AMD EPYC): a bf16 training step
-took ~8700 page faults, ~600 with the allocator tuned (wall time 152 -> 117 ms per step, one thread, loaded
-machine); an fp32 inference batch of 1000 took ~200 faults per image and 1.5x longer than tuned.
+``tune_cpu_allocator`` (in ``vitbn.runtime``, re-exported here) keeps glibc from handing freed activation buffers
+back to the kernel; what it buys on the machine at hand is measured by ``benchmarks/cpu_runtime.py`` and the
+figures live in docs/bench.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
 import resource
-import sys
 
 import torch
 
-_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
-_M_MMAP_MAX = -4
-_TRIM_THRESHOLD = 2**31 - 1
+from vitbn.runtime import tune_cpu_allocator
 
-
-def tune_cpu_allocator() -> bool:
-    """Makes glibc keep freed memory for reuse instead of returning it to the kernel: no mmap-ed blocks
-    (every block comes from the heap, which is reused) and a 2 GiB trim threshold (the heap is not shrunk).
-    The environment ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` does the same for a process from
-    its start. Process-wide; the price is that the process keeps its peak heap until it exits.
-
-    Returns:
-        True if both settings were accepted (glibc on Linux), False elsewhere.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+__all__ = ["tune_cpu_allocator", "cpu_features", "cpu_flags", "cpu_model", "device_name", "environment", "native_bf16"]
 
 
 def cpu_model() -> str:
@@ -71,9 +42,22 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# (flag in /proc/cpuinfo, the name a reader knows), widest last: what decides which ATen and oneDNN kernels run
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"),
+             ("amx_int8", "AMX-INT8"), ("avx512_fp16", "AVX512-FP16"))  # fmt: skip
+
+
+def cpu_features(flags: set[str] | None = None) -> str:
+    """The vector and matrix instruction sets of the CPU that decide its kernels, e.g. ``"AVX2 AVX-512 AVX512-BF16
+    AMX-BF16"``; ``"no AVX2"`` on an older or non-x86 CPU."""
+    flags = cpu_flags() if flags is None else flags
+    names = [name for flag, name in ISA_FLAGS if flag in flags]
+    return " ".join(names) if names else "no AVX2"
+
+
 def native_bf16(device: torch.device | None = None) -> bool:
     """Whether bf16 matrix products run in hardware: a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 or
-    AMX-BF16 (elsewhere oneDNN falls back to a reference kernel, measured ~7x slower than fp32 on an AVX2 EPYC)."""
+    AMX-BF16 (elsewhere oneDNN falls back to a slow emulation; docs/bench has the measured figures)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -87,7 +71,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"{cpu_model()} ({os.cpu_count()} logical cores visible)"
+        return f"{cpu_model()} [{cpu_features()}] ({os.cpu_count()} logical cores visible)"
     return device.type
 
 
@@ -98,7 +82,12 @@ def page_faults() -> int:
 
 def environment(device: torch.device) -> dict:
     """The facts a reader needs to compare two benchmark runs."""
+    from vitbn.provenance import source_commit
+
+    commit, dirty = source_commit()
     return {
+        "commit": commit[:7] + ("+changes" if dirty else ""),
+        "cpu_features": cpu_features() if device.type == "cpu" else None,
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,

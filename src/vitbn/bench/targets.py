@@ -2,9 +2,10 @@
 value, the goal and whether it is met (or why it could not be judged), and the training step's top operators.
 
 Targets: vitbn's study-ViT training step >= 1.2x vit-pytorch's in a plain loop (fp32 and bf16; eager against
-eager, compiled against compiled); >= 70% of the measured fp32 matrix-product peak for that step; bf16 >= 2x
-fp32 training; folded BN inference >= 1.0x the LayerNorm ViT of the same depth (eager and compiled, batch 1 and
-the inference batch); the loader < 5% of an epoch.
+eager, compiled against compiled); that step at >= 50% of the measured fp32 matrix-product peak, or, where the
+roofline says memory traffic is its bound, at >= 70% of that bound; bf16 >= 3x fp32 training on a CPU with bf16
+matrix units (2x elsewhere); folded BN inference >= 1.0x the LayerNorm ViT of the same depth (eager and compiled,
+batch 1 and the inference batch); the loader < 5% of an epoch.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from vitbn.bench.timing import Case, paired_ratio
 
 SPEEDUP_VS_REFERENCE = 1.2
-UTILIZATION_PCT = 70.0
-BF16_SPEEDUP = 2.0
+UTILIZATION_PCT = 50.0  # of the fp32 matmul peak, for a compute-bound step
+ROOFLINE_PCT = 70.0  # of the roofline bound, for a step that memory traffic bounds
+BF16_SPEEDUP = 2.0  # the bench sets 3.0 on CPUs with bf16 matrix units (``suite.run_bench``)
 FOLDED_VS_VIT = 1.0
 LOADER_PCT = 5.0
 
@@ -42,13 +44,11 @@ def target_rows(result: dict) -> list[dict]:
         rows.append(_target("train vs vit-pytorch plain loop", None, f">= {SPEEDUP_VS_REFERENCE}x", None, reason))
     vit_train = [r for r in result["rows"] if r["model"] == "vit" and r["mode"] == "train" and r["depth"] == 6]
     for r in (r for r in vit_train if r["precision"] == "fp32"):
-        name = f"fp32 matmul peak used by vit@6 train{' compiled' if r['compiled'] else ''}"
-        util = r.get("util_pct")
-        rows.append(_target(name, util, f">= {UTILIZATION_PCT:.0f}%", None if util is None else util >= UTILIZATION_PCT,
-                            r["status"] if util is None else ""))  # fmt: skip
+        rows.append(_utilization(r))
     bf16 = _ratios(result, "bf16 / fp32 training")
     for c in bf16:
-        rows.append(_target(f"bf16 / fp32 training ({c['a']})", c["ratio"], f">= {BF16_SPEEDUP}x", c["met"]))
+        goal = c["target"] if c.get("target") is not None else BF16_SPEEDUP
+        rows.append(_target(f"bf16 / fp32 training ({c['a']})", c["ratio"], f">= {goal:g}x", c["met"]))
     if not bf16:
         rows.append(_target("bf16 / fp32 training", None, f">= {BF16_SPEEDUP}x", None, "not measured: bf16 not in "
                             "--precisions (--quick leaves it out on a CPU without native bf16)"))  # fmt: skip
@@ -70,6 +70,19 @@ def target_rows(result: dict) -> list[dict]:
         rows.append(_target("loader share of a training epoch (largest)", max(loads), f"< {LOADER_PCT:.0f}%",
                             max(loads) < LOADER_PCT))  # fmt: skip
     return rows
+
+
+def _utilization(row: dict) -> dict:
+    """The study step's use of the hardware: of the fp32 peak where compute bounds it, else of its roofline."""
+    compiled = " compiled" if row["compiled"] else ""
+    if row.get("bound") == "memory":
+        roof = row.get("roof_pct")
+        return _target(f"roofline bound (memory) reached by vit@6 train{compiled}", roof, f">= {ROOFLINE_PCT:.0f}%",
+                       None if roof is None else roof >= ROOFLINE_PCT)  # fmt: skip
+    util = row.get("util_pct")
+    met = None if util is None else util >= UTILIZATION_PCT
+    return _target(f"fp32 matmul peak used by vit@6 train{compiled}", util, f">= {UTILIZATION_PCT:.0f}%", met,
+                   row["status"] if util is None else "")  # fmt: skip
 
 
 def format_targets(rows: list[dict]) -> str:

@@ -9,6 +9,11 @@ import importlib
 import os
 import sys
 
+from vitbn.runtime import openmp_defaults
+
+# before anything imports torch: libgomp reads its wait settings once, when it is loaded
+openmp_defaults()
+
 # Sub-command modules, in the order ``vitbn --help`` lists them.
 MODULES = ("models", "train", "finetune", "experiment", "report", "bn", "bench", "analyze", "predict", "export",
            "serve")  # fmt: skip

@@ -66,6 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, help="untimed iterations per case (default 5, 1 with --quick)")
     p.add_argument("--min-repeat-s", type=float, help="seconds one timed repeat lasts at least")
     p.add_argument("--peak-size", type=int, help="n of the n^3 matmul that measures the peak (default 2048)")
+    p.add_argument("--bandwidth-mib", type=int, help="MiB copied to measure memory bandwidth (default 512)")
     p.add_argument(
         "--no-loader", dest="loader", action="store_false", default=None, help="skip timing the MNIST loader epoch"
     )
@@ -133,6 +134,7 @@ _FIELDS = (
     "warmup",
     "min_repeat_s",
     "peak_size",
+    "bandwidth_mib",
     "loader",
     "loader_epochs",
     "profile_norms",

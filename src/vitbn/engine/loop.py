@@ -55,6 +55,7 @@ from vitbn.engine.setup import (
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
 from vitbn.errors import UserError
+from vitbn.runtime import configure_threads, tune_cpu_allocator
 from vitbn.tracking import MemoryTracker, Tracker, make_tracker
 
 __all__ = ["FINITE_CHECK_EVERY", "FitResult", "fit", "resolve_device"]
@@ -128,8 +129,14 @@ class _Run:
         self.tracker, self.info = tracker, info
         self.device = info.device(resolve_device(tc.device))
         self.amp = make_amp(tc.precision, self.device)
-        if tc.threads:
+        if self.device.type == "cpu":  # threads by the machine's load now; freed activations kept (vitbn.runtime)
+            self.threads_choice = configure_threads(tc.threads)[1]
+            tune_cpu_allocator()
+        elif tc.threads:
             torch.set_num_threads(tc.threads)
+            self.threads_choice = "requested"
+        else:
+            self.threads_choice = "default"
         seed_everything(tc.seed)  # the one place: model init, dropout, and the loaders' seed below
         if data is None:
             from vitbn.data import prepare_data

@@ -25,6 +25,7 @@ def start_tracking(run: Any, parent_run_id: str | None) -> None:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(run.config.to_dict(), run.out_dir / "config.yaml")
     tags = {**environment_tags(str(run.device), torch.get_num_threads()), "vitbn.status": "running"}
+    tags["threads_choice"] = getattr(run, "threads_choice", "default")
     tags.update({"dist.world_size": run.info.world_size, "dist.backend": run.info.backend or "none"})
     if run.start_epoch:
         tags["vitbn.resumed_from_epoch"] = run.start_epoch
