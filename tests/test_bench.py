@@ -315,8 +315,8 @@ def test_norms_section_times_every_norm_in_every_mode_against_layernorm(cli_run)
     assert list(section["models"]) == list(variants)
     cells = {(r["variant"], r["mode"], r["batch"]) for r in section["rows"] if r["precision"] == "fp32"}
     assert cells == {(v, "train", 8) for v in variants} | {
-        (v, m, b) for v in variants for m in ("infer", "infer_folded") for b in (1, 16)
-    }  # --quick: no compiled cases
+        (v, m, b) for v in variants for m in ("infer", "infer_folded") for b in (1, 8, 16)
+    }  # --quick: no compiled cases; batch 1, the training batch and the inference batch
     assert all(r["img_s"] > 0 and r["error"] is None for r in section["rows"])
     models = section["models"]  # the matrix products are the same for every norm, folded or not
     assert len({m["flops_img"] for m in models.values()} | {m["folded_flops_img"] for m in models.values()}) == 1
@@ -327,7 +327,7 @@ def test_norms_section_times_every_norm_in_every_mode_against_layernorm(cli_run)
     assert (models["prepbn"]["name"], models["bnffn"]["name"]) == ("vit+norm=prepbn", "vitbnffn")
     ratios = {r["what"]: r["ratio"] for r in section["ratios"]}
     assert {f"{v} / ln infer_folded fp32 b1" for v in variants[1:]} <= set(ratios)
-    assert "prepbn folded / eager fp32 b16" in ratios and all(r > 0 for r in ratios.values())
+    assert "prepbn folded / unfolded fp32 b16" in ratios and all(r > 0 for r in ratios.values())
     assert "norms (depth 6;" in text and "PRepBN everywhere" in text and "prepbn / ln train fp32 b8" in text
 
 
@@ -340,3 +340,19 @@ def test_quick_bench_leaves_out_bf16_where_the_cpu_has_no_bf16_instructions(monk
     assert BenchOptions.quick(precisions=("fp32", "bf16")).precisions == ("fp32", "bf16")  # asked for: kept
     monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert BenchOptions.quick().precisions == ("fp32", "bf16") and BenchOptions().precisions == ("fp32", "bf16")
+
+
+def test_norm_ratios_pair_folded_compiled_with_compiled():
+    from vitbn.bench.norms import _ratios
+
+    def case(seconds):
+        return Case("c", lambda: None, images=10, device=CPU, seconds=seconds)
+
+    cases = {("ln", "infer_compiled", "fp32", 100): case([1.0, 1.0]),
+             ("ln", "infer_folded_compiled", "fp32", 100): case([1.0, 1.0]),
+             ("bn", "infer_compiled", "fp32", 100): case([2.0, 4.0]),
+             ("bn", "infer_folded_compiled", "fp32", 100): case([1.0, 1.0])}  # fmt: skip
+    ratios = {r["what"]: r["ratio"] for r in _ratios(cases)}
+    assert ratios["bn / ln infer_folded_compiled fp32 b100"] == 1.0
+    assert ratios["bn folded / unfolded compiled fp32 b100"] == 3.0  # per-round ratios 2 and 4: their median
+    assert ratios["bn / ln infer_compiled fp32 b100"] == 0.375

@@ -2,9 +2,9 @@
 feed-forward block, BN everywhere, PRepBN) on the study's depth-6 ViT, timed side by side.
 
 Per norm and precision: a training step at the training batch (PRepBN at lambda = 0.5, mid-ramp, where it
-computes both LayerNorm and RepBN), and inference at batch 1 and the inference batch, eager, compiled and folded
-(``fuse_bn``; PRepBN at lambda = 0, what training leaves). All cases are timed in the same interleaved rounds, so
-every ratio to LayerNorm is paired (``paired_ratio``). The FLOPs are those of the matrix products, the same for
+computes both LayerNorm and RepBN), and inference at batch 1, the training batch and the inference batch, eager,
+compiled, folded (``fuse_bn``; PRepBN at lambda = 0, what training leaves) and folded then compiled. All cases are
+timed in the same interleaved rounds, so every ratio to LayerNorm is paired (``paired_ratio``). The FLOPs are those of the matrix products, the same for
 every norm; the norms' own element-wise work is what the times add.
 """
 
@@ -24,7 +24,7 @@ from vitbn.models.norms import set_prepbn_lambda
 
 REFERENCE = "ln"
 TRAIN_LAMBDA = 0.5  # PRepBN's training cost mid-ramp: LayerNorm and RepBN both computed
-MODES = ("train", "infer", "infer_compiled", "infer_folded")
+MODES = ("train", "infer", "infer_compiled", "infer_folded", "infer_folded_compiled")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class NormOptions:
     variants: tuple[str, ...] = tuple(NORM_VARIANTS)
     depth: int = 6
     precisions: tuple[str, ...] = ("fp32", "bf16")
-    batches: tuple[int, ...] = (1, 1000)  # inference
+    batches: tuple[int, ...] = (1, 100, 1000)  # inference
     train_batch: int = 100
     compile: bool = True  # the compiled inference cases (and a compiled training step)
     overrides: tuple[tuple[str, object], ...] = ()  # ModelConfig fields for every model
@@ -75,7 +75,7 @@ def run_norms(
     from vitbn.bn.fuse import unfolded_norms
 
     over = dict(options.overrides)
-    modes = [m for m in MODES if options.compile or m != "infer_compiled"]
+    modes = [m for m in MODES if options.compile or not m.endswith("compiled")]
     train_modes = ["train", "train_compiled"] if options.compile else ["train"]
     cases: dict[tuple, Case] = {}
     models: dict[str, dict] = {}
@@ -93,7 +93,7 @@ def run_norms(
                                     compile_error)  # fmt: skip
             for mode in modes[1:]:
                 for batch in options.batches:
-                    model = folded if mode == "infer_folded" else deployed
+                    model = folded if mode.startswith("infer_folded") else deployed
                     cases[(variant, mode, precision, batch)] = _build(variant, mode, model, precision, batch, device,
                                                                       compile_error)  # fmt: skip
     log(f"norms: warming up {len(cases)} cases")
@@ -122,10 +122,11 @@ def _ratios(cases: dict[tuple, Case]) -> list[dict]:
         if variant != REFERENCE and base is not None and base.error is None:
             out.append({"what": f"{variant} / {REFERENCE} {mode} {precision} b{batch}", "variant": variant,
                         "ratio": paired_ratio(case, base)})  # fmt: skip
-        eager = cases.get((variant, "infer", precision, batch))
-        if mode == "infer_folded" and eager is not None:
-            out.append({"what": f"{variant} folded / eager {precision} b{batch}", "variant": variant,
-                        "ratio": paired_ratio(case, eager)})  # fmt: skip
+        unfolded = cases.get((variant, mode.replace("_folded", ""), precision, batch))
+        if mode.startswith("infer_folded") and unfolded is not None and unfolded.error is None:
+            how = "compiled " if mode.endswith("compiled") else ""
+            out.append({"what": f"{variant} folded / unfolded {how}{precision} b{batch}", "variant": variant,
+                        "ratio": paired_ratio(case, unfolded)})  # fmt: skip
     return out
 
 

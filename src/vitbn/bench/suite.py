@@ -413,7 +413,8 @@ def _norms(options: BenchOptions, device: torch.device, compile_error: str | Non
     """The norms section at depth 6, with the main table's precisions, batches and compile setting."""
     from vitbn.bench.norms import NormOptions, run_norms
 
-    norm = NormOptions(precisions=options.precisions, batches=(1, options.infer_batch_size),
+    batches = tuple(dict.fromkeys((1, options.batch_size, options.infer_batch_size)))
+    norm = NormOptions(precisions=options.precisions, batches=batches,
                        train_batch=options.batch_size, compile=options.compile,
                        overrides=tuple(options.overrides.items()))  # fmt: skip
     return run_norms(norm, device, options.repeats, options.warmup, options.min_repeat_s, compile_error, log)
