@@ -4,8 +4,8 @@ feed-forward block, BN everywhere, PRepBN) on the study's depth-6 ViT, timed sid
 Per norm and precision: a training step at the training batch (PRepBN at lambda = 0.5, mid-ramp, where it
 computes both LayerNorm and RepBN), and inference at batch 1, the training batch and the inference batch, eager,
 compiled, folded (``fuse_bn``; PRepBN at lambda = 0, what training leaves) and folded then compiled. All cases are
-timed in the same interleaved rounds, so every ratio to LayerNorm is paired (``paired_ratio``). The FLOPs are those of the matrix products, the same for
-every norm; the norms' own element-wise work is what the times add.
+timed in the same interleaved rounds, so every ratio to LayerNorm is paired (``paired_ratio``). The FLOPs are
+those of the matrix products, the same for every norm; the norms' own element-wise work is what the times add.
 """
 
 from __future__ import annotations
