@@ -356,3 +356,17 @@ def test_norm_ratios_pair_folded_compiled_with_compiled():
     assert ratios["bn / ln infer_folded_compiled fp32 b100"] == 1.0
     assert ratios["bn folded / unfolded compiled fp32 b100"] == 3.0  # per-round ratios 2 and 4: their median
     assert ratios["bn / ln infer_compiled fp32 b100"] == 0.375
+
+
+def test_norms_section_measures_the_chosen_variants_and_modes():
+    from vitbn.bench.norms import NormOptions, run_norms
+    from vitbn.errors import UserError
+
+    options = NormOptions(variants=("ln", "bn"), precisions=("fp32",), batches=(2,), train=False, compile=False,
+                          overrides=tuple(TINY.items()))  # fmt: skip
+    section = run_norms(options, CPU, repeats=1, warmup=1, min_repeat_s=0.0)
+    assert {(r["variant"], r["mode"]) for r in section["rows"]} == {
+        (v, m) for v in ("ln", "bn") for m in ("infer", "infer_folded")
+    }
+    with pytest.raises(UserError, match=r"norm variants \['ln', 'bogus'\] must be a non-empty subset of ln, rms"):
+        NormOptions(variants=("ln", "bogus"))

@@ -36,8 +36,17 @@ class NormOptions:
     precisions: tuple[str, ...] = ("fp32", "bf16")
     batches: tuple[int, ...] = (1, 100, 1000)  # inference
     train_batch: int = 100
+    train: bool = True  # the training steps too (the bench's --modes without train leaves them out)
     compile: bool = True  # the compiled inference cases (and a compiled training step)
     overrides: tuple[tuple[str, object], ...] = ()  # ModelConfig fields for every model
+
+    def __post_init__(self) -> None:
+        from vitbn.errors import UserError
+
+        bad = [v for v in self.variants if v not in NORM_VARIANTS]
+        if bad or not self.variants:
+            raise UserError(f"norm variants {list(self.variants)} must be a non-empty subset of "
+                            f"{', '.join(NORM_VARIANTS)}")  # fmt: skip
 
 
 def norm_model(variant: str, depth: int, overrides: dict, lam: float | None = None):
@@ -76,7 +85,7 @@ def run_norms(
 
     over = dict(options.overrides)
     modes = [m for m in MODES if options.compile or not m.endswith("compiled")]
-    train_modes = ["train", "train_compiled"] if options.compile else ["train"]
+    train_modes = (["train", "train_compiled"] if options.compile else ["train"]) if options.train else []
     cases: dict[tuple, Case] = {}
     models: dict[str, dict] = {}
     for variant in options.variants:

@@ -54,6 +54,7 @@ class BenchOptions:
     tune_allocator: bool = False  # vitbn.bench.system.tune_cpu_allocator() before measuring
     recipes: bool = True  # the recipe section: parallel vs sequential blocks, hMLP vs linear stem
     norms: bool = True  # the norms section: LayerNorm, RMSNorm, DyT, BN (FFN, everywhere), PRepBN at depth 6
+    norm_variants: tuple[str, ...] | None = None  # the norms section's variants (None: all of them)
     export: bool = True  # the export section: onnxruntime vs eager and folded torch (needs the export extra)
     short: bool = False  # set by ``quick()``: the recipe section measures fewer layouts and batches too
     overrides: dict = field(default_factory=dict)  # ModelConfig fields for every model (tests, studies)
@@ -414,7 +415,8 @@ def _norms(options: BenchOptions, device: torch.device, compile_error: str | Non
     from vitbn.bench.norms import NormOptions, run_norms
 
     batches = tuple(dict.fromkeys((1, options.batch_size, options.infer_batch_size)))
-    norm = NormOptions(precisions=options.precisions, batches=batches,
+    chosen = {"variants": tuple(options.norm_variants)} if options.norm_variants else {}
+    norm = NormOptions(**chosen, precisions=options.precisions, batches=batches, train="train" in options.modes,
                        train_batch=options.batch_size, compile=options.compile,
                        overrides=tuple(options.overrides.items()))  # fmt: skip
     return run_norms(norm, device, options.repeats, options.warmup, options.min_repeat_s, compile_error, log)

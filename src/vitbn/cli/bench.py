@@ -102,6 +102,8 @@ def register(subparsers) -> None:
                    help="skip the recipe section (parallel vs sequential blocks, hMLP vs linear stem)")  # fmt: skip
     p.add_argument("--no-norms", dest="norms", action="store_false", default=None,
                    help="skip the norms section (LayerNorm, RMSNorm, DyT, BN, PRepBN at depth 6)")  # fmt: skip
+    p.add_argument("--norm-variants", type=_list,
+                   help="the norms section's variants (default: ln,rms,dyt,bnffn,bn,prepbn)")  # fmt: skip
     p.add_argument("--no-export", dest="export", action="store_false", default=None,
                    help="skip the export section (onnxruntime vs eager and folded torch, CPU fp32)")  # fmt: skip
     add_set_argument(p, help="a ModelConfig field for every model, e.g. --set dim=16 (repeatable)")
@@ -144,6 +146,7 @@ _FIELDS = (
     "augment",
     "recipes",
     "norms",
+    "norm_variants",
     "export",
 )
 # The shared model flags, but the bench's own --models and --depths choose the presets and depths.
@@ -155,7 +158,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     from vitbn.bench import BenchOptions
 
     changes = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
-    for name in ("models", "depths", "precisions", "modes"):
+    for name in ("models", "depths", "precisions", "modes", "norm_variants"):
         if name in changes:
             changes[name] = tuple(changes[name])
     if args.tune_allocator is not None:
