@@ -184,6 +184,18 @@ def test_pinned_auto_does_not_measure_and_a_bad_pin_is_one_line(measured, monkey
         model(torch.randn(2, 1, 28, 28))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace: what export_torchscript uses
+def test_auto_is_the_fused_kernel_in_a_captured_graph(measured):
+    model = create_model("vitbn", **TINY).eval()
+    fused = create_model("vitbn", **TINY, attn_impl="fused").eval()
+    fused.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)  # nothing timed or recorded into the graph
+        assert measured.calls == [] and attention_choices(model) == {}
+        assert_close(traced(x), fused(x), rtol=0, atol=0)
+
+
 def test_measuring_leaves_the_random_streams_and_the_gradients_alone(monkeypatch):
     """The real measurement (no speed asserted): a training forward with dropout that measures first gives the
     numbers, gradients and random state of the same forward that finds its choice cached."""

@@ -65,9 +65,11 @@ class AttentionCore(nn.Module):
 
         path = self.impl
         if path == "auto":
-            path = resolve_auto(qkv, self.heads, self.dim_head, run)
-            if not _capturing():
-                self.attn_choices[choice_key(qkv, self.heads, self.dim_head)] = path
+            if _capturing():  # no timing, no Python side effects, no shapes formatted into strings
+                path = "fused"
+            else:
+                key = choice_key(qkv, self.heads, self.dim_head)
+                path = self.attn_choices[key] = resolve_auto(key, qkv, run)
         return run(path, qkv, return_attn)
 
 
@@ -161,14 +163,13 @@ def choice_key(qkv: torch.Tensor, heads: int, dim_head: int) -> str:
     return f"{qkv.device} {dtype} {k}x{b}x{heads}x{n}x{dim_head} {mode}"
 
 
-def resolve_auto(qkv: torch.Tensor, heads: int, dim_head: int, run: Callable) -> str:
-    """The path ``"auto"`` takes for ``qkv``: pinned by ``VITBN_ATTN_AUTO``, fused while a graph is captured, else
-    the cached choice for its key, measured now (``measure_paths``) at the key's first use.
+def resolve_auto(key: str, qkv: torch.Tensor, run: Callable) -> str:
+    """The path ``"auto"`` takes for ``qkv`` (outside graph capture): pinned by ``VITBN_ATTN_AUTO``, else the
+    process's cached choice for ``key`` (``choice_key``), measured now (``measure_paths``) at the key's first use.
 
     Args:
+        key: ``choice_key`` of ``qkv``.
         qkv: the projection.
-        heads: H.
-        dim_head: Dh.
         run: ``run(path, qkv)`` computes attention on ``qkv`` by ``path``.
     """
     pinned = os.environ.get(AUTO_ENV)
@@ -176,9 +177,6 @@ def resolve_auto(qkv: torch.Tensor, heads: int, dim_head: int, run: Callable) ->
         if pinned not in PATHS:
             raise ValueError(f"{AUTO_ENV}={pinned!r} is not one of {', '.join(map(repr, PATHS))}")
         return pinned
-    if _capturing():
-        return "fused"
-    key = choice_key(qkv, heads, dim_head)
     if key not in _CHOICES:
         seconds = measure_paths({path: _timed_call(run, path, qkv) for path in PATHS}, qkv.device)
         _CHOICES[key] = min(PATHS, key=lambda path: seconds[path])
