@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitbn.bn import FrozenBatchNorm, convert_sync_batchnorm, freeze_bn, fuse_bn, set_ghost_batch_size
 from vitbn.bn.fuse import OutputShift, bn_scale_shift
@@ -206,3 +207,48 @@ def test_a_bf16_model_folds_within_bf16_rounding(tiny_overrides, extra):
     scale = reference.abs().max()
     assert_close(unfolded.float(), reference, rtol=0, atol=0.05 * scale)
     assert_close(folded.float(), reference, rtol=0, atol=0.05 * scale)
+
+
+class _Ops(TorchDispatchMode):
+    """Records every kernel that runs: its name and the number of elements of its (first) output."""
+
+    VIEWS = ("view", "_unsafe_view", "t", "permute", "transpose", "unbind", "expand", "slice", "unsqueeze", "alias")
+    PRODUCTS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[tuple[str, tuple[int, ...]]] = []
+        self.other_elements = 0  # elements written by every kernel that is neither a product nor a view
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name, first = func.__name__.split(".")[0], out[0] if isinstance(out, (tuple, list)) else out
+        if name in self.PRODUCTS:
+            self.products.append((name, tuple(first.shape)))
+        elif name not in self.VIEWS:
+            self.other_elements += first.numel()
+        return out
+
+
+@pytest.mark.parametrize("impl", ["fused", "plain"])
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_folded_vitbn_block_runs_the_products_of_the_layernorm_block_and_no_more(impl, parallel):
+    config = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32, parallel=parallel, attn_impl=impl)
+    blocks = {
+        "vit": create_model("vit", **config).eval(),
+        "folded": fuse_bn(_nontrivial(create_model("vitbn", **config))),
+    }
+    x = torch.randn(3, 1, 28, 28)
+    ops = {}
+    for name, model in blocks.items():
+        with torch.no_grad():
+            tokens = model.embed(x)
+            with _Ops() as ops[name]:
+                model.transformer.layers[0](tokens)
+    vit, folded = ops["vit"], ops["folded"]
+    # the same kernels, one by one; the qkv product without a bias (mm/bmm, not addmm/baddbmm) and 2 (H) wider
+    assert [n for n, _ in folded.products] == [n for n, _ in vit.products]
+    assert folded.products[0][0] in ("mm", "bmm") and folded.products[0][1][-1] == vit.products[0][1][-1] + 2
+    assert folded.products[1:] == vit.products[1:]
+    # and no more elementwise work than the LayerNorm block (whose LayerNorms the folded block does not run)
+    assert folded.other_elements <= vit.other_elements
