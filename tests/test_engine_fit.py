@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitbn.config import DataConfig, RunConfig, flatten
+from vitbn.config import DataConfig, ModelConfig, RunConfig, flatten
 from vitbn.data import InMemoryLoader, prepare_data
 from vitbn.engine import evaluate, export_model, fit, load_model, seed_everything
 from vitbn.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -157,6 +157,21 @@ def test_auto_attention_is_tagged_checkpointed_and_kept_by_a_resumed_run(tmp_pat
     assert json.loads(tracker.run.tags["vitbn.attn_choices"])["cpu float32 1x40x2x17x8 grad"] == "plain"
     torch.testing.assert_close(resumed.model.state_dict(), whole.model.state_dict(), rtol=0, atol=0)
     assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in whole.history]
+
+
+def test_a_compiled_models_auto_attention_is_tagged_as_the_fused_kernel():
+    from types import SimpleNamespace
+
+    from vitbn.engine.runlog import ATTN_TAG, log_attention_choices
+
+    tracker = MemoryTracker()
+    tracker.start_run("r")
+    model = build_model(ModelConfig.from_preset("vitbn", **TINY))  # attn_impl="auto"
+    run = SimpleNamespace(model=model, net=SimpleNamespace(compiled=True), tracker=tracker, attn_choices={},
+                          attn_tagged={})  # fmt: skip
+    log_attention_choices(run)
+    assert json.loads(tracker.run.tags[ATTN_TAG]) == {"torch.compile": "fused"}
+    assert run.attn_choices == {}  # nothing for a checkpoint to load: compiled graphs always take the fused kernel
 
 
 def test_extending_a_finished_run(tmp_path, data):
