@@ -115,7 +115,7 @@ class ParallelAttention(AttentionCore):
         """``keep``: a (B, K) stochastic-depth mask (see ``keep_mask``) or None."""
         b, n, d = x.shape
         branches = self.to_qkv.branches
-        qkv = self.to_qkv(_branch_inputs(self.norms, x)).view(branches, b, n, -1)  # (K, B, N, 3*H*Dh)
+        qkv = self.to_qkv(_branch_inputs(self.norms, x)).view(branches, b, n, -1)  # (K, B, N, 3*H*Dh [+ H])
         out, attn = self.attend(qkv, return_attn)
         weight, bias = self.to_out.weight, self.to_out.bias  # (K, D, H*Dh), (K, D)
         if self.layer_scale is not None:

@@ -88,7 +88,7 @@ class Attention(AttentionCore):
         self.out_drop = dropout_or_identity(dropout) if project_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
-        qkv = self.to_qkv(self.norm(x))  # (B, N, 3*H*Dh), features ordered (3, H, Dh)
+        qkv = self.to_qkv(self.norm(x))  # (B, N, 3*H*Dh [+ H folded key terms]), features ordered (3, H, Dh)
         out, attn = self.attend(qkv.unsqueeze(0), return_attn)
         out = self.out_drop(self.to_out(out))  # (B, N, H*Dh) -> (B, N, D)
         return (out, attn) if return_attn else out
