@@ -1,15 +1,16 @@
-"""Which attention kernel ``attn_impl="auto"`` should pick: the explicit batched-matmul path against PyTorch's fused
-``scaled_dot_product_attention``, on the study's ViT and ViTBN (depth 6, 17 tokens, 8 heads of 64), for a training
-step (the engine's ``train_step``) and an inference batch, timed in interleaved rounds; medians of img/s and the
-paired ratio sdpa / explicit (> 1: the fused kernel is faster).
+"""The two attention paths side by side: the plain batched path against PyTorch's fused
+``scaled_dot_product_attention``, and what ``attn_impl="auto"`` (measured at first use) makes of them, on the study's
+ViT and ViTBN (depth 6, 17 tokens, 8 heads of 64), for a training step (the engine's ``train_step``) and an
+inference batch, timed in interleaved rounds; medians of img/s and the paired ratio to the plain path (> 1: faster
+than the plain path).
 
     python benchmarks/attention_impl.py [--models vit vitbn] [--precisions fp32] [--modes train infer]
         [--batch 100] [--infer-batch 1000] [--repeats 9] [--min-repeat-s 0.5] [--threads 2] [--device auto]
         [--markdown PAGE.md]
 
-Both paths compute the same attention (tests/test_models_layers.py checks values and gradients against the
+Both paths compute the same attention (tests/test_models_attention.py checks values and gradients against the
 textbook formula); the ratio printed is measured, side by side, on this machine, and the row "auto" shows what
-the default picks here.
+the default picks here (unset ``VITBN_ATTN_AUTO``, which pins it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from vitbn.engine.device import resolve_device
 from vitbn.models import create_model
 from vitbn.provenance import command_line, current
 
-IMPLS = ("explicit", "sdpa", "auto")
+IMPLS = ("plain", "fused", "auto")
 
 
 def make_case(model_name: str, impl: str, mode: str, precision: str, batch: int, device) -> Case:
@@ -59,17 +60,17 @@ def main() -> None:
         f"# {device_name(device)}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
         f"{device}, train batch {args.batch}, infer batch {args.infer_batch}, {args.repeats} interleaved "
         "rounds",  # fmt: skip
-        f"{'model':<7}{'mode':<7}{'prec':<6}{'attention':<10}{'img/s':>9}{'min':>9}{'max':>9}{'vs explicit':>13}",
+        f"{'model':<7}{'mode':<7}{'prec':<6}{'attention':<10}{'img/s':>9}{'min':>9}{'max':>9}{'vs plain':>13}",
     ]
     for (m, mode, prec, impl), case in cases.items():
         s = summarize(case.samples)
-        ratio = paired_ratio(case, cases[(m, mode, prec, "explicit")])
+        ratio = paired_ratio(case, cases[(m, mode, prec, "plain")])
         lines.append(f"{m:<7}{mode:<7}{prec:<6}{impl:<10}{s['median']:>9.0f}{s['min']:>9.0f}{s['max']:>9.0f}"
                      f"{ratio:>12.3f}x")  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        print(f"wrote {write_page(markdown_page('Attention: explicit vs fused', [made.line()], text), args.markdown)}")
+        print(f"wrote {write_page(markdown_page('Attention: plain vs fused', [made.line()], text), args.markdown)}")
 
 
 if __name__ == "__main__":

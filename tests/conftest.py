@@ -8,6 +8,9 @@ from pathlib import Path
 # Tiny models run fastest on one thread, and a loaded 2-core machine makes 2 threads spin: child processes
 # (CLI tests, torchrun) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# attn_impl="auto" measures which attention path is faster: pinned, every process (CLI tests, torchrun ranks) takes
+# the same path, so numbers compared across processes are computed alike. Tests of the measurement unset it.
+os.environ.setdefault("VITBN_ATTN_AUTO", "fused")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

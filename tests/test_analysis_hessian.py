@@ -151,7 +151,7 @@ def test_analysis_mode_puts_only_the_bn_norms_in_training_and_restores_every_fla
     with analysis_mode(model, "train", math_attention=True):
         for m in model.modules():
             assert m.training == is_bn_norm(m)
-        assert all(getattr(m, "impl", "sdpa") == "sdpa" for m in model.modules() if hasattr(m, "heads"))
+        assert all(getattr(m, "impl", "fused") == "fused" for m in model.modules() if hasattr(m, "heads"))
         assert any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
     assert [m.training for m in model.modules()] == before
     assert all(m.impl == "auto" for m in model.modules() if hasattr(m, "heads") and hasattr(m, "impl"))
@@ -160,12 +160,12 @@ def test_analysis_mode_puts_only_the_bn_norms_in_training_and_restores_every_fla
 
 
 @pytest.mark.parametrize("overrides", [{}, {"parallel": 2, "depth": 2}])
-def test_hvp_through_the_math_attention_kernel_equals_the_explicit_path(overrides):
-    model, batches = _tiny("vitbn", attn_impl="explicit", **overrides), _batches()
+def test_hvp_through_the_math_attention_kernel_equals_the_plain_path(overrides):
+    model, batches = _tiny("vitbn", attn_impl="plain", **overrides), _batches()
     params = list(model.parameters())
     g = torch.Generator().manual_seed(5)
     v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
-    with analysis_mode(model):  # the explicit path
+    with analysis_mode(model):  # the plain path
         explicit = hvp(model, batches, params, v)
     with analysis_mode(model, math_attention=True):
         math = hvp(model, batches, params, v)

@@ -14,11 +14,11 @@ from vitbn.config import ModelConfig
 
 KNOBS = ["--dim", "32", "--heads", "4", "--dim-head", "8", "--mlp-dim", "48", "--patch-size", "4", "--pool", "mean",
          "--no-class-token", "--pos-emb", "pe2d", "--dropout", "0.1", "--emb-dropout", "0.05", "--attn-norm", "batch",
-         "--bn-stats", "scalar", "--bn-momentum", "0.2", "--ghost-batch-size", "8", "--attn-impl", "explicit",
+         "--bn-stats", "scalar", "--bn-momentum", "0.2", "--ghost-batch-size", "8", "--attn-impl", "plain",
          "--parallel", "2", "--layer-scale", "1e-4", "--drop-path", "0.1", "--stem", "hmlp"]  # fmt: skip
 EXPECTED = dict(dim=32, heads=4, dim_head=8, mlp_dim=48, patch_size=4, pool="mean", class_token=False, pos_emb="pe2d",
                 dropout=0.1, emb_dropout=0.05, attn_norm="batch", bn_stats="scalar", bn_momentum=0.2,
-                ghost_batch_size=8, attn_impl="explicit", parallel=2, layer_scale=1e-4, drop_path=0.1,
+                ghost_batch_size=8, attn_impl="plain", parallel=2, layer_scale=1e-4, drop_path=0.1,
                 stem="hmlp")  # fmt: skip
 
 

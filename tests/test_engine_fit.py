@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from tolerance import reduction_tol
-from vitbn.config import DataConfig, RunConfig, flatten
+from vitbn.config import DataConfig, ModelConfig, RunConfig, flatten
 from vitbn.data import InMemoryLoader, prepare_data
 from vitbn.engine import evaluate, export_model, fit, load_model, seed_everything
 from vitbn.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vitbn.errors import UserError
-from vitbn.models import build_model
+from vitbn.models import attention, build_model
 from vitbn.tracking import MemoryTracker
 
 TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
@@ -122,6 +123,58 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path, data):
     strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in resumed.history]
     assert strip == [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in whole.history]
     assert tracker.run.metric("train/loss") == [r["train/loss"] for r in whole.history]
+
+
+def test_auto_attention_is_tagged_checkpointed_and_kept_by_a_resumed_run(tmp_path, data, monkeypatch):
+    """attn_impl="auto" (chosen here by a fake measurement): the choices are tagged on the run and kept in the
+    checkpoint; resumed in a fresh process (the cache emptied) where the measurement now prefers the other path,
+    the run takes the checkpoint's path and ends with the numbers of an uninterrupted run on it, bit for bit."""
+    faster = {"path": "plain"}
+    monkeypatch.delenv(attention.AUTO_ENV, raising=False)
+    monkeypatch.setattr(attention, "_CHOICES", {})
+    monkeypatch.setattr(
+        attention, "measure_paths", lambda calls, device: {p: 1.0 + (p != faster["path"]) for p in calls}
+    )
+
+    def config(name, impl="auto", **kw):
+        cfg = make_config(tmp_path, run_name=name, epochs=2, max_steps_per_epoch=2, **kw)
+        cfg.model.attn_impl = impl
+        return cfg
+
+    whole = fit(config("whole", impl="plain"), tracker=MemoryTracker(), data=data, progress="none")
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    tracker = MemoryTracker()
+    fit(config("parts"), tracker=tracker, data=data, on_epoch=stop_after_one, progress="none")
+    tagged = json.loads(tracker.run.tags["vitbn.attn_choices"])
+    assert tagged["cpu float32 1x40x2x17x8 grad"] == "plain"  # training: batch 40, grad mode
+    assert tagged["cpu float32 1x40x2x17x8 no_grad"] == "plain"  # validation: 40 images
+    assert set(tagged.values()) == {"plain"}
+    assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["attn_choices"] == tagged
+    attention.clear_attention_choices()
+    faster["path"] = "fused"
+    resumed = fit(config("parts", resume=True), tracker=tracker, data=data, progress="none")
+    assert json.loads(tracker.run.tags["vitbn.attn_choices"])["cpu float32 1x40x2x17x8 grad"] == "plain"
+    torch.testing.assert_close(resumed.model.state_dict(), whole.model.state_dict(), rtol=0, atol=0)
+    assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in whole.history]
+
+
+def test_a_compiled_models_auto_attention_is_tagged_as_the_fused_kernel():
+    from types import SimpleNamespace
+
+    from vitbn.engine.runlog import ATTN_TAG, log_attention_choices
+
+    tracker = MemoryTracker()
+    tracker.start_run("r")
+    model = build_model(ModelConfig.from_preset("vitbn", **TINY))  # attn_impl="auto"
+    run = SimpleNamespace(model=model, net=SimpleNamespace(compiled=True), tracker=tracker, attn_choices={},
+                          attn_tagged={})  # fmt: skip
+    log_attention_choices(run)
+    assert json.loads(tracker.run.tags[ATTN_TAG]) == {"torch.compile": "fused"}
+    assert run.attn_choices == {}  # nothing for a checkpoint to load: compiled graphs always take the fused kernel
 
 
 def test_extending_a_finished_run(tmp_path, data):

@@ -196,8 +196,8 @@ def test_state_dict_round_trip(variant, tiny_overrides):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_attention_paths_are_equal(dtype, tiny_overrides):
-    explicit = create_model("vit", **tiny_overrides, attn_impl="explicit").to(dtype).eval()
-    fused = create_model("vit", **tiny_overrides, attn_impl="sdpa").to(dtype).eval()
+    explicit = create_model("vit", **tiny_overrides, attn_impl="plain").to(dtype).eval()
+    fused = create_model("vit", **tiny_overrides, attn_impl="fused").to(dtype).eval()
     fused.load_state_dict(explicit.state_dict())
     x = torch.randn(4, 1, 28, 28, dtype=dtype)
     assert_close(fused(x), explicit(x))
@@ -277,7 +277,7 @@ def test_forward_flops_leaves_the_model_untouched(tiny_overrides):
         (dict(depth=-1), r"depth=-1 must be a positive integer"),
         (dict(image_size=(28, 0)), r"image_size=0 must be a positive integer"),
         (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
-        (dict(attn_impl="flash"), r"attn_impl='flash' is not one of 'auto', 'sdpa', 'explicit'"),
+        (dict(attn_impl="flash"), r"attn_impl='flash' is not one of 'auto', 'fused', 'plain'"),
         (dict(bn_stats="channel"), r"bn_stats='channel' is not one of 'feature', 'scalar'"),
     ],
 )

@@ -112,7 +112,7 @@ def test_branches_are_batched_into_wide_matmuls():
     x = torch.randn(2, 1, 28, 28)
     counts = {}
     for branches in (1, 3):  # sdpa: the attention itself is one call per stage too
-        model = create_model("vit", **TINY, depth=1, parallel=branches, attn_impl="sdpa").eval()
+        model = create_model("vit", **TINY, depth=1, parallel=branches, attn_impl="fused").eval()
         with torch.no_grad():
             tokens = model.embed(x)
             with _MatmulCount() as counter:

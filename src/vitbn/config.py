@@ -21,7 +21,8 @@ STEMS = ("linear", "hmlp", "conv")
 POOLS = ("cls", "mean")
 POS_EMBS = ("learn", "pe1d", "pe2d")
 BN_STATS = ("feature", "scalar")
-ATTN_IMPLS = ("auto", "sdpa", "explicit")
+ATTN_IMPLS = ("auto", "fused", "plain")
+ATTN_ALIASES = {"sdpa": "fused", "explicit": "plain"}  # the names of earlier versions, in saved configs
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -162,7 +163,7 @@ class ModelConfig:
     bn_momentum: float = 0.1
     ghost_batch_size: int | None = None  # BN statistics over sub-batches of this many images (ghost BN)
     dyt_alpha: float = 0.5  # DyT's initial alpha (the paper's for ViTs)
-    attn_impl: str = "auto"  # "sdpa" fused kernel, "explicit" matmul-softmax-matmul, "auto": fastest measured
+    attn_impl: str = "auto"  # "fused" kernel, "plain" batched products + softmax, "auto": measured at first use
     # Recipes of Touvron et al. 2022 ("Three things everyone should know about ViTs") and CaiT/DeiT III.
     parallel: int = 1  # branches per stage: x = x + sum_i MHSA_i(x); x = x + sum_i FFN_i(x); depth counts stages
     layer_scale: float | None = None  # LayerScale init value (per-channel scale on every residual branch); None: off
@@ -192,6 +193,7 @@ class ModelConfig:
         if self.pos_emb == "pe1d" and self.dim % 2:
             raise ValueError(f"pos_emb='pe1d' needs an even dim, got dim={self.dim}")
         _choice("bn_stats", self.bn_stats, BN_STATS)
+        self.attn_impl = ATTN_ALIASES.get(self.attn_impl, self.attn_impl)
         _choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         for name in ("dropout", "emb_dropout"):
             value = getattr(self, name)

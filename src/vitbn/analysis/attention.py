@@ -1,8 +1,8 @@
 """Attention maps of a VisionTransformer: the weights of every layer and head, the pooled token's attention
 over the patches, and attention rollout (Abnar & Zuidema, 2020, "Quantifying Attention Flow in Transformers").
 
-The weights come from the model's explicit attention path (``forward_with_attn``), which computes the same
-logits as the fused one; capturing them changes nothing in the model.
+The weights come from ``forward_with_attn``: the plain path returns them with its output, and the fused path
+computes them beside its output; either way the logits are those of the model's forward, bit for bit.
 """
 
 from __future__ import annotations

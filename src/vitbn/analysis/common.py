@@ -47,8 +47,7 @@ def analysis_mode(model: nn.Module, bn_mode: str = "eval", *, math_attention: bo
         bn_mode: ``"eval"`` or ``"train"`` (see ``BN_MODES``).
         math_attention: compute attention with ``scaled_dot_product_attention``'s math kernel (batched
             matmul-softmax-matmul), whose backward can be differentiated again, for Hessian-vector products: the
-            fused CUDA kernels cannot, and the model's explicit CPU path (one head at a time) differentiates twice
-            ~3x slower (the per-head slices' backward materializes the whole projection for every head).
+            fused CUDA kernels cannot.
     """
     check_bn_mode(bn_mode)
     flags = [(m, m.training) for m in model.modules()]
@@ -60,7 +59,7 @@ def analysis_mode(model: nn.Module, bn_mode: str = "eval", *, math_attention: bo
         if math_attention:
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         for m, _ in impls:
-            m.impl = "sdpa"
+            m.impl = "fused"
         if bn_mode == "train":
             stack.enter_context(kept_bn_stats(model))
             for m in model.modules():

@@ -5,6 +5,10 @@ In eval mode a BatchNorm is the affine map ``y = x * scale + shift`` (per featur
 after one as ``W' = diag(scale) W``, ``b' = scale * b + shift``. RepBN (``BN(x) + eta * x``) is the affine map
 ``(scale + eta) x + shift`` and folds the same way; a PRepBN folds once its lambda is 0 (RepBN alone). LayerNorm
 and RMSNorm depend on the sample and DyT is nonlinear: they stay (``unfolded_norms`` says which).
+
+A norm folded into the attention's qkv product gives it a bias, ``b_q``, ``b_k``, ``b_v`` per head, which
+attention makes mostly redundant (``_fold_attention_biases``); the folded model runs the products of the LayerNorm
+model (whose qkv product has no bias) and no 3*H*Dh-wide bias.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitbn.bn.frozen import FrozenBatchNorm
+from vitbn.models.attention import AttentionCore
 from vitbn.models.blocks import ParallelBlock
 from vitbn.models.layers import BranchLinear, PatchEmbed
 from vitbn.models.norms import ChannelsLast, DyT, PRepBN, RepBN, TokenBatchNorm
@@ -123,14 +128,71 @@ def _fold_stem(stem: nn.Module) -> bool:
     return found
 
 
+class OutputShift(nn.Module):
+    """Adds a constant vector: the value bias of an attention without an output projection (heads = 1 and
+    dim_head = dim, where vit-pytorch skips it), which has no bias to take it."""
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+def _fold_attention_biases(attn: AttentionCore) -> None:
+    """Removes the bias of the qkv product (``b_q``, ``b_k``, ``b_v``, per head) exactly.
+
+    With ``s_ij = scale * (q_i + b_q) . (k_j + b_k)``, the scores of query i over the keys j, and
+    ``o_i = sum_j softmax_j(s_ij) (v_j + b_v)``:
+
+    - Key bias: ``s_ij = scale * (q_i + b_q) . k_j + scale * (q_i + b_q) . b_k``; the second term is the same for
+      every key j of query i, and softmax is invariant to adding a constant to a row: ``b_k`` is dropped.
+    - Value bias: the weights of a row sum to 1, so ``o_i = sum_j w_ij v_j + b_v``, and the output projection
+      gives ``W_o o_i + b_o = W_o sum_j w_ij v_j + (b_o + W_o b_v)``: ``b_v`` moves into the output bias.
+    - Query bias: ``scale * (q_i + b_q) . k_j = scale * q_i . k_j + c_j`` with ``c_j = scale * b_q . k_j``, one term
+      per key (and head) added to every query's scores. As ``k_j = W_k x_j``, ``c_j = u . x_j`` with
+      ``u = scale * W_k^T b_q`` (a row of the input's width per head): the qkv product gains H output features
+      (H rows of its weight), and attention adds ``c`` to the scores (``key_term``: the fused kernel's additive
+      mask, the plain path's batched product's input). That is H / (3*H*Dh) more product, and no pass over the
+      3*H*Dh-wide projection; a narrow add on q would be one more pass over a third of it.
+    """
+    qkv, h, dh = attn.to_qkv, attn.heads, attn.dim_head
+    if qkv.bias is None:
+        return
+    ref, inner = qkv.weight, h * dh
+    branches = ref.shape[0] if ref.dim() == 3 else 1
+    w = ref.double().reshape(branches, 3 * inner, -1)  # (K, 3*H*Dh, D)
+    b_q, _, b_v = qkv.bias.double().reshape(branches, 3, inner).unbind(1)  # b_k: dropped
+    w_k = w[:, inner : 2 * inner].reshape(branches, h, dh, -1)
+    u = attn.scale * torch.einsum("khd,khdi->khi", b_q.reshape(branches, h, dh), w_k)  # (K, H, D)
+    keyed = bool(b_q.any())
+    if keyed:
+        w = torch.cat([w, u], dim=1)  # (K, 3*H*Dh + H, D)
+    qkv.out_features, attn.key_term = w.shape[1], keyed
+    w = w.reshape(-1, w.shape[-1]) if ref.dim() == 2 else w
+    qkv.weight = nn.Parameter(w.to(ref.dtype), requires_grad=ref.requires_grad)
+    qkv.bias = None
+    out = attn.to_out
+    if isinstance(out, nn.Identity):
+        attn.to_out = OutputShift(b_v.reshape(inner).to(ref.dtype))
+        return
+    w_o = out.weight.double().reshape(branches, -1, inner)  # (K, D, H*Dh)
+    bias = out.bias.double() + (w_o @ b_v.unsqueeze(-1)).reshape(out.bias.shape)
+    out.bias = nn.Parameter(bias.to(out.bias.dtype), requires_grad=out.bias.requires_grad)
+
+
 def _fold_block(block: nn.Module) -> set[str]:
     attn, ff, folded = block.attn, block.ff, set()
     if isinstance(block, ParallelBlock):
         pairs = [("attn_norm", attn.norms, attn.to_qkv, _before), ("ffn_norm", ff.norms, ff.fc1, _before),
                  ("ffn_inner_norm", ff.inner_norms, ff.fc1, _after)]  # fmt: skip
-        return {slot for slot, norms, linear, fold in pairs if _fold_branches(norms, linear, fold)}
+        folded = {slot for slot, norms, linear, fold in pairs if _fold_branches(norms, linear, fold)}
+        _fold_attention_biases(attn)
+        return folded
     if _fold_linear(attn, "norm", attn.to_qkv, _before):
         folded.add("attn_norm")
+        _fold_attention_biases(attn)
     if _fold_linear(ff, "norm", ff.fc1, _before):
         folded.add("ffn_norm")
     if _fold_linear(ff, "inner_norm", ff.fc1, _after):
@@ -167,13 +229,14 @@ def fuse_bn(model: nn.Module) -> VisionTransformer:
 
     Folded: the patch embedding's ``norm_in`` (into ``proj``, before it) and ``norm_out`` (into ``proj``,
     after it), or every BatchNorm2d of an hMLP/conv stem (into the convolution before it); per block (per branch
-    of a parallel stage) the attention pre-norm (into ``to_qkv``, which gains a bias), the feed-forward
+    of a parallel stage) the attention pre-norm (into ``to_qkv``; the bias this gives it is then removed:
+    ``_fold_attention_biases``), the feed-forward
     pre-norm (into ``fc1``) and the inner norm after ``fc1`` (into ``fc1``); the final norm (into ``mlp_head``:
     only the head consumes the transformer's output, and both CLS and mean pooling commute with a per-feature
     affine map). Folded norms become ``nn.Identity``, so the copy is a plain ``VisionTransformer`` whose
     ``config`` names them ``"none"``; its outputs equal the eval-mode original's. Frozen, ghost and scalar-stats
-    BatchNorms fold the same way. LayerNorms stay. The copy is for inference: its state dict (``to_qkv.bias``)
-    does not load into a model built from a config.
+    BatchNorms fold the same way. LayerNorms stay. The copy is for inference: its state dict (a ``to_qkv`` with
+    H more output features when the query bias is not zero) does not load into a model built from a config.
 
     Args:
         model: an eval-mode ``VisionTransformer`` (possibly DDP-wrapped).

@@ -92,7 +92,9 @@ MODEL_FLAGS: dict[str, Flag] = {
     "--bn-momentum": Flag("model", "bn_momentum", dict(type=float, help="BatchNorm running-average momentum")),
     "--ghost-batch-size": Flag("model", "ghost_batch_size", dict(type=int, help="ghost BN sub-batch size")),
     "--dyt-alpha": Flag("model", "dyt_alpha", dict(type=float, help="DyT's initial alpha (default 0.5)")),
-    "--attn-impl": Flag("model", "attn_impl", dict(choices=ATTN_IMPLS, help="attention kernel")),
+    "--attn-impl": Flag(
+        "model", "attn_impl", dict(choices=ATTN_IMPLS, help="attention: fused, plain, auto (measured)")
+    ),
     "--parallel": Flag("model", "parallel", dict(type=int, help="parallel blocks per stage (Touvron et al. 2022)")),
     "--layer-scale": Flag("model", "layer_scale", dict(type=_optional_float, help="LayerScale init, or none")),
     "--drop-path": Flag("model", "drop_path", dict(type=float, help="stochastic depth rate of the last stage")),

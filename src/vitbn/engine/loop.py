@@ -42,7 +42,7 @@ from vitbn.engine.evaluate import evaluate
 from vitbn.engine.history import write_history
 from vitbn.engine.optim import PRepBNSchedule, build_optimizer, build_scheduler
 from vitbn.engine.progress import Progress
-from vitbn.engine.runlog import close_tracking, start_tracking
+from vitbn.engine.runlog import close_tracking, log_attention_choices, start_tracking
 from vitbn.engine.sam import SAM
 from vitbn.engine.selection import BEST_NAME, Selection
 from vitbn.engine.setup import (
@@ -55,6 +55,7 @@ from vitbn.engine.setup import (
 from vitbn.engine.step import make_loss, train_step
 from vitbn.engine.timing import Stopwatch
 from vitbn.errors import UserError
+from vitbn.models.attention import load_attention_choices
 from vitbn.runtime import configure_threads, tune_cpu_allocator
 from vitbn.tracking import MemoryTracker, Tracker, make_tracker
 
@@ -165,6 +166,8 @@ class _Run:
         self.progress = Progress(progress if info.is_main else "none", tc.epochs)
         self.history: list[dict] = []
         self.start_epoch, self.run_id, self._rng, self._started = 0, None, None, False
+        self.attn_choices: dict[str, str] = {}  # what attn_impl="auto" chose (runlog.log_attention_choices)
+        self.attn_tagged: dict[str, str] = {}
         self._load_checkpoint()  # every rank loads the same checkpoint
         self.selection = Selection.from_history(self.history, tc.early_stopping)
         if tc.early_stopping and data.val is None:
@@ -206,6 +209,8 @@ class _Run:
             warnings.warn(note, stacklevel=3)
         self.history, self.start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
         self.run_id, self._rng = ckpt.get("run_id"), ckpt["rng"]
+        self.attn_choices = dict(ckpt.get("attn_choices") or {})
+        load_attention_choices(self.attn_choices)  # the paths the run took so far, not measured again
 
     def fit(self, parent_run_id: str | None, on_epoch: Callable[[dict], None] | None) -> FitResult:
         try:
@@ -335,6 +340,7 @@ class _Run:
         with deferred_interrupt():
             self.history.append(record)
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+            log_attention_choices(self)
             if self.info.is_main:
                 write_history(self.history, self.out_dir)
                 if best:
@@ -355,6 +361,7 @@ class _Run:
             "config": self.config.to_dict(),
             "run_id": self.run_id,
             "run_name": self.run_name,
+            "attn_choices": self.attn_choices,
         }
 
     def _last_metrics(self) -> dict:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -13,9 +14,11 @@ from vitbn.engine.distributed import from_main
 from vitbn.engine.history import write_history
 from vitbn.engine.selection import BEST_NAME
 from vitbn.engine.setup import run_params
+from vitbn.models.attention import attention_choices
 from vitbn.tracking.env import environment_tags
 
 END_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "killed": "KILLED", "failed": "FAILED"}
+ATTN_TAG = "vitbn.attn_choices"
 
 
 def start_tracking(run: Any, parent_run_id: str | None) -> None:
@@ -52,8 +55,23 @@ def close_tracking(run: Any, status: str, quiet: bool = False) -> None:
                     run.tracker.log_artifact(run.out_dir / MODEL_NAME, "model")
                     if (run.out_dir / BEST_NAME).is_file():
                         run.tracker.log_artifact(run.out_dir / BEST_NAME, "model")
+            log_attention_choices(run)  # the final evaluation may have chosen for a new shape
             run.tracker.set_tags({"vitbn.status": status})
             run.tracker.end_run(END_STATUS[status])
         except Exception:
             if not quiet:
                 raise
+
+
+def log_attention_choices(run: Any) -> None:
+    """Adds the attention paths that ``attn_impl="auto"`` chose since the last call (choice key -> path, see
+    ``vitbn.models.attention``) to ``run.attn_choices`` (what the checkpoint keeps, so that a resumed run takes
+    the same paths), and tags the run with them as JSON when they changed. A compiled model's ``"auto"`` is the
+    fused kernel, tagged under the key ``"torch.compile"``."""
+    choices = {**run.attn_choices, **attention_choices(run.model)}
+    tagged = dict(choices)
+    if run.net.compiled and run.model.config.attn_impl == "auto":
+        tagged["torch.compile"] = "fused"
+    if tagged != run.attn_tagged:
+        run.tracker.set_tags({ATTN_TAG: json.dumps(tagged, sort_keys=True)})
+    run.attn_choices, run.attn_tagged = choices, tagged

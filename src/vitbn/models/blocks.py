@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitbn.config import ModelConfig
-from vitbn.models.layers import Attention, BranchLinear, FeedForward, attend, dropout_or_identity, use_explicit
+from vitbn.models.attention import AttentionCore
+from vitbn.models.layers import Attention, BranchLinear, FeedForward, dropout_or_identity
 from vitbn.models.norms import make_norm, norm_options
 
 
@@ -92,7 +93,7 @@ def _branch_inputs(norms: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([norm(x) for norm in norms]).view(len(norms), b * n, d)
 
 
-class ParallelAttention(nn.Module):
+class ParallelAttention(AttentionCore):
     """The K attention branches of a parallel stage, ``sum_k MHSA_k(norm_k(x))``, as wide operations: one
     batched qkv product for all branches, the K*H heads as one batch of heads, and one output product over the
     concatenated branch outputs (the sum over branches is inside that matrix product). Parameters per branch
@@ -101,14 +102,11 @@ class ParallelAttention(nn.Module):
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(heads=config.heads, dim_head=config.dim_head, dropout=config.dropout, impl=config.attn_impl,
+                         drop=dropout_or_identity(config.dropout))  # fmt: skip
         k, inner = config.parallel, config.heads * config.dim_head
-        self.heads, self.dim_head, self.impl = config.heads, config.dim_head, config.attn_impl
-        self.scale = config.dim_head**-0.5
-        self.attn_dropout = config.dropout
         self.norms = nn.ModuleList(make_norm(config.attn_norm, config.dim, **norm_options(config)) for _ in range(k))
         self.to_qkv = BranchLinear(k, config.dim, 3 * inner, bias=False)
-        self.attn_drop = dropout_or_identity(config.dropout)
         self.to_out = BranchLinear(k, inner, config.dim)
         self.out_drop = dropout_or_identity(config.dropout)
         self.layer_scale = LayerScale(config.dim, config.layer_scale, k) if config.layer_scale is not None else None
@@ -117,11 +115,8 @@ class ParallelAttention(nn.Module):
         """``keep``: a (B, K) stochastic-depth mask (see ``keep_mask``) or None."""
         b, n, d = x.shape
         branches = self.to_qkv.branches
-        qkv = self.to_qkv(_branch_inputs(self.norms, x)).view(branches, b, n, -1)  # (K, B, N, 3*H*Dh)
-        out, attn = attend(
-            qkv, self.heads, self.dim_head, self.scale, self.attn_drop,
-            explicit=return_attn or use_explicit(self.impl, qkv), dropout_p=self.attn_dropout if self.training else 0.0,
-        )  # fmt: skip
+        qkv = self.to_qkv(_branch_inputs(self.norms, x)).view(branches, b, n, -1)  # (K, B, N, 3*H*Dh [+ H])
+        out, attn = self.attend(qkv, return_attn)
         weight, bias = self.to_out.weight, self.to_out.bias  # (K, D, H*Dh), (K, D)
         if self.layer_scale is not None:
             gamma = self.layer_scale.gamma  # (K, D): scales branch k's rows

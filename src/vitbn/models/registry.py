@@ -52,9 +52,9 @@ def forward_flops(model: VisionTransformer, batch: int = 1, train: bool = False)
     c = model.config
     h, w = (c.image_size, c.image_size) if isinstance(c.image_size, int) else c.image_size
     model = copy.deepcopy(model).train(train)  # BN running stats and grads of the caller's model stay untouched
-    for module in model.modules():  # the counter sees the explicit attention products, not every fused kernel
-        if getattr(module, "impl", None) in ("auto", "sdpa"):
-            module.impl = "explicit"
+    for module in model.modules():  # the counter sees the plain path's products, not every fused kernel
+        if getattr(module, "impl", None) in ("auto", "fused"):
+            module.impl = "plain"
     x = torch.randn(batch, c.channels, h, w, device=next(model.parameters()).device)
     counter = FlopCounterMode(display=False)
     with counter:
