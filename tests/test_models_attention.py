@@ -229,3 +229,36 @@ def test_earlier_names_are_aliases():
     assert ModelConfig(attn_impl="sdpa").attn_impl == "fused" and ModelConfig(attn_impl="explicit").attn_impl == "plain"
     with pytest.raises(ValueError, match=r"attn_impl='flash' is not one of 'auto', 'fused', 'plain'"):
         ModelConfig(attn_impl="flash")
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+@pytest.mark.parametrize("key_term", [False, True])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_split_heads_backward_writes_autograds_gradient_without_stacking(branches, key_term, head_major):
+    from vitbn.bench.roofline import ByteCounter
+    from vitbn.models.attention import _split, split_heads
+
+    heads, dim_head, b, n = 2, 4, 3, 5
+    width = 3 * heads * dim_head + (heads if key_term else 0)
+    qkv = torch.randn(branches, b, n, width, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(b, branches * heads, n, dim_head, dtype=torch.float64) for _ in range(3)]
+    weights.append(torch.randn(b, branches * heads, 1, n, dtype=torch.float64))
+
+    def loss(parts):
+        return sum((p * w).sum() for p, w in zip(parts, weights) if p is not None)
+
+    (expected,) = torch.autograd.grad(loss(_split(qkv, heads, dim_head, key_term, head_major)), qkv)
+    parts = split_heads(qkv, heads, dim_head, key_term, head_major=head_major)
+    for got, ref in zip(parts, _split(qkv, heads, dim_head, key_term, head_major)):
+        assert (got is None and ref is None) or torch.equal(got, ref)
+    counter = ByteCounter()
+    with counter:
+        (grad,) = torch.autograd.grad(loss(parts), qkv)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)  # the same values, only written in place
+    # the one copy per part into the projection's layout, no stack of the three gradients (autograd's way)
+    copies = 3 * b * branches * heads * n * dim_head * 8 * 2 + (b * branches * heads * n * 8 * 2 if key_term else 0)
+    assert counter.layout == copies
+    # second derivatives (Hessian-vector products of the analysis) pass through it
+    assert torch.autograd.gradgradcheck(
+        lambda x: split_heads(x, heads, dim_head, key_term, head_major=head_major)[0], (qkv,)
+    )

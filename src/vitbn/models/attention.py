@@ -94,18 +94,13 @@ def attend(
         ``return_attn`` the (B, K*H, N, N) attention weights before dropout (else None). The fused path computes
         the weights beside its output, so capturing them leaves the output as it is.
     """
-    k, b, n, _ = qkv.shape
-    inner = heads * dim_head
-    # (K, B, N, 3*H*Dh) -> (3, B, K, H, N, Dh), a strided view
-    parts = qkv[..., : 3 * inner].view(k, b, n, 3, heads, dim_head).permute(3, 1, 0, 4, 2, 5)
-    # (K, B, N, H) -> (B, K*H, 1, N): one term per key, the same for every query
-    term = qkv[..., 3 * inner :].permute(1, 0, 3, 2).reshape(b, k * heads, 1, n) if key_term else None
-    if path == "plain":
-        out, attn = _plain(parts, term, scale, drop)
-        return out, attn if return_attn else None
-    if path != "fused":
+    if path not in PATHS:
         raise ValueError(f"path={path!r} is not one of {', '.join(map(repr, PATHS))}")
-    q, key, v = (t.flatten(1, 2) for t in parts.unbind(0))  # (B, K*H, N, Dh): views for K = 1
+    k, b, n, _ = qkv.shape
+    q, key, v, term = split_heads(qkv, heads, dim_head, key_term, head_major=path == "plain")
+    if path == "plain":
+        out, attn = _plain(q, key, v, term, scale, drop)
+        return out, attn if return_attn else None
     out = F.scaled_dot_product_attention(q, key, v, attn_mask=term, dropout_p=dropout_p)
     out = out.transpose(1, 2).reshape(b, n, -1)
     if not return_attn:
@@ -115,20 +110,109 @@ def attend(
 
 
 def _plain(
-    parts: torch.Tensor, term: torch.Tensor | None, scale: float, drop: nn.Module
+    q: torch.Tensor, key: torch.Tensor, v: torch.Tensor, term: torch.Tensor | None, scale: float, drop: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, B, K, H, N, Dh) -> one head-major copy (3, B*K*H, N, Dh), scores by one batched product scaled inside
-    it (``alpha``), softmax, the weighted values by a second batched product."""
-    _, b, k, h, n, dh = parts.shape
-    q, key, v = parts.reshape(3, b * k * h, n, dh).unbind(0)
+    """Head-major q, k, v (B, K*H, N, Dh) (contiguous: ``split_heads(head_major=True)``): scores by one batched
+    product scaled inside it (``alpha``), softmax, the weighted values by a second batched product."""
+    b, kh, n, dh = q.shape
+    q, key, v = q.reshape(b * kh, n, dh), key.reshape(b * kh, n, dh), v.reshape(b * kh, n, dh)  # views
     if term is None:  # beta = 0: the input is not read, nothing is written before the product
         scores = torch.baddbmm(q.new_zeros(()), q, key.transpose(1, 2), beta=0.0, alpha=scale)
     else:
-        scores = torch.baddbmm(term.reshape(b * k * h, 1, n), q, key.transpose(1, 2), alpha=scale)
+        scores = torch.baddbmm(term.reshape(b * kh, 1, n), q, key.transpose(1, 2), alpha=scale)
     attn = _softmax(scores)  # (B*K*H, N, N)
     out = torch.bmm(drop(attn), v)  # (B*K*H, N, Dh)
-    out = out.view(b, k * h, n, dh).transpose(1, 2).reshape(b, n, k * h * dh)
-    return out, attn.view(b, k * h, n, n)
+    out = out.view(b, kh, n, dh).transpose(1, 2).reshape(b, n, kh * dh)
+    return out, attn.view(b, kh, n, n)
+
+
+# --- q, k and v out of the fused projection, and their gradients back into it ----------------------------------
+
+
+def _head_views(qkv: torch.Tensor, heads: int, dim_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(K, B, N, 3*H*Dh [+ H]) -> the (3, B, K, H, N, Dh) strided view of q, k and v, and the (K, B, N, H) view of
+    the per-key terms (None where the projection has none)."""
+    k, b, n, width = qkv.shape
+    inner = heads * dim_head
+    parts = qkv[..., : 3 * inner].view(k, b, n, 3, heads, dim_head).permute(3, 1, 0, 4, 2, 5)
+    return parts, (qkv[..., 3 * inner :] if width > 3 * inner else None)
+
+
+def _split(qkv: torch.Tensor, heads: int, dim_head: int, key_term: bool, head_major: bool) -> tuple:
+    k, b, n, _ = qkv.shape
+    parts, terms = _head_views(qkv, heads, dim_head)
+    if head_major:
+        parts = parts.contiguous()  # (3, B, K, H, N, Dh): one copy
+    q, key, v = (t.flatten(1, 2) for t in parts.unbind(0))  # (B, K*H, N, Dh): views where the layout allows
+    # (K, B, N, H) -> (B, K*H, 1, N): one term per key, the same for every query
+    term = terms.permute(1, 0, 3, 2).reshape(b, k * heads, 1, n) if key_term else None
+    return q, key, v, term
+
+
+class _SplitHeads(torch.autograd.Function):
+    """``_split`` with a backward that writes the gradients of q, k, v (and of the per-key terms) straight into one
+    buffer in the projection's layout. Autograd's own backward of the split stacks the three gradients
+    (``aten::cat``, a projection-sized copy) and then copies the stack into the projection's layout (another);
+    this backward makes the one strided copy per part that the layout needs and nothing else. The forward and the
+    gradient values are those of ``_split``."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int, dim_head: int, key_term: bool, head_major: bool):
+        ctx.heads, ctx.dim_head, ctx.shape, ctx.dtype, ctx.device = heads, dim_head, qkv.shape, qkv.dtype, qkv.device
+        return _split(qkv, heads, dim_head, key_term, head_major)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dterm):
+        k, b, n, _ = ctx.shape
+        if _vmapped(dq, dk, dv, dterm):  # a vectorized Hessian or Jacobian: out of place, no writes
+            return _stacked_grad(ctx, dq, dk, dv, dterm), None, None, None, None
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        # each view is taken just before its write: under double backward the writes give grad a history, and a
+        # view taken earlier (or one of unbind's several views) may then not be written in place
+        for i, g in enumerate((dq, dk, dv)):
+            part = _head_views(grad, ctx.heads, ctx.dim_head)[0][i]  # (B, K, H, N, Dh), a view into grad
+            part.zero_() if g is None else part.copy_(g.reshape(b, k, ctx.heads, n, ctx.dim_head))
+        terms = _head_views(grad, ctx.heads, ctx.dim_head)[1]
+        if terms is not None:
+            if dterm is None:
+                terms.zero_()
+            else:  # (B, K*H, 1, N) -> (K, B, N, H)
+                terms.copy_(dterm.reshape(b, k, ctx.heads, n).permute(1, 0, 3, 2))
+        return grad, None, None, None, None
+
+
+def _vmapped(*tensors: torch.Tensor | None) -> bool:
+    """Whether any tensor is batched by vmap (torch.func's, or the legacy one of autograd.functional's
+    ``vectorize=True``), where in-place writes of batched values into an unbatched buffer are refused."""
+    f = torch._C._functorch
+    return any(t is not None and (f.is_batchedtensor(t) or f.is_legacy_batchedtensor(t)) for t in tensors)
+
+
+def _stacked_grad(ctx, dq, dk, dv, dterm) -> torch.Tensor:
+    """The projection's gradient built out of place (autograd's way: a stack, then the layout), for vmap."""
+    k, b, n, width = ctx.shape
+    h, dh = ctx.heads, ctx.dim_head
+    zeros = torch.zeros(b, k * h, n, dh, dtype=ctx.dtype, device=ctx.device)
+    parts = torch.stack([zeros if g is None else g for g in (dq, dk, dv)])  # (3, B, K*H, N, Dh)
+    grad = parts.reshape(3, b, k, h, n, dh).permute(2, 1, 4, 0, 3, 5).reshape(k, b, n, 3 * h * dh)
+    if width == 3 * h * dh:
+        return grad
+    terms = torch.zeros(k, b, n, h, dtype=ctx.dtype, device=ctx.device) if dterm is None else (
+        dterm.reshape(b, k, h, n).permute(1, 0, 3, 2))  # fmt: skip
+    return torch.cat([grad, terms], dim=-1)
+
+
+def split_heads(
+    qkv: torch.Tensor, heads: int, dim_head: int, key_term: bool = False, *, head_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q, k and v (B, K*H, N, Dh) of K branches' projections ``qkv`` (K, B, N, 3*H*Dh [+ H]), and with
+    ``key_term`` the (B, K*H, 1, N) per-key score terms. ``head_major``: q, k and v are copied once into a
+    contiguous (3, B, K*H, N, Dh) layout (the batched products' input); else they are strided views (the fused
+    kernel reads them in place). When a gradient is needed (and no graph is being captured), the backward writes
+    the three gradients into the projection's layout directly (``_SplitHeads``; out of place under vmap)."""
+    if torch.is_grad_enabled() and qkv.requires_grad and not _capturing() and not _vmapped(qkv):
+        return _SplitHeads.apply(qkv, heads, dim_head, key_term, head_major)
+    return _split(qkv, heads, dim_head, key_term, head_major)
 
 
 _HALF = (torch.bfloat16, torch.float16)
