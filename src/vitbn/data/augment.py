@@ -159,7 +159,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 1, H, W) luma; a single channel is returned as it is."""
     if x.shape[1] == 1:
         return x
-    return (x * x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    weights = torch.stack([x.new_full((), w) for w in GRAY_WEIGHTS])  # filled on the device: no host copy
+    return (x * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def brightness(x: torch.Tensor, factor: Param) -> torch.Tensor:
@@ -182,7 +183,9 @@ def sharpness(x: torch.Tensor, factor: Param) -> torch.Tensor:
     b, c, h, w = x.shape
     if h < 3 or w < 3:
         return x
-    kernel = x.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).view(1, 1, 3, 3) / 13
+    kernel = x.new_ones(3, 3)  # [[1, 1, 1], [1, 5, 1], [1, 1, 1]], filled on the device: no host copy
+    kernel[1, 1] = 5.0
+    kernel = kernel.view(1, 1, 3, 3) / 13
     smooth = F.conv2d(x.reshape(b * c, 1, h, w), kernel).view(b, c, h - 2, w - 2)
     degenerate = x.clone()
     degenerate[..., 1:-1, 1:-1] = smooth
