@@ -249,7 +249,9 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, lam: Param, perm: torch.Tensor
 def cutmix_boxes(lam: Param, batch: int, height: int, width: int, generator: torch.Generator) -> Boxes:
     """CutMix boxes of side ``sqrt(1 - lam)`` times the image's, centred uniformly, clipped to the image (timm)."""
     dev = generator.device
-    ratio = (1 - torch.as_tensor(lam, dtype=torch.float32, device=dev)).clamp(0, 1).sqrt().reshape(-1).expand(batch)
+    # a Python lam is filled in on the device (copying it there from the host would wait for the GPU)
+    lam = torch.full((), lam, device=dev) if isinstance(lam, (int, float)) else torch.as_tensor(lam, device=dev)
+    ratio = (1 - lam.to(torch.float32)).clamp(0, 1).sqrt().reshape(-1).expand(batch)
     boxes = []
     for size, cut in ((height, (ratio * height).long()), (width, (ratio * width).long())):
         centre = torch.randint(0, size, (batch,), generator=generator, device=dev)
