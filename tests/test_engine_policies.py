@@ -66,6 +66,15 @@ def test_one_tf32_policy_for_matmul_and_cudnn(capsys):
     )
 
 
+def test_the_bench_takes_the_same_tf32_policy():
+    from vitbn.bench import BenchOptions
+    from vitbn.cli.bench import options_from_args
+
+    assert BenchOptions().tf32 is False
+    assert options_from_args(build_parser().parse_args(["bench", "--quick", "--tf32"])).tf32 is True
+    assert options_from_args(build_parser().parse_args(["bench", "--quick"])).tf32 is False
+
+
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:12", "mps"])
 def test_config_and_cli_take_cuda_n(device):
     assert TrainConfig(device=device).device == device
