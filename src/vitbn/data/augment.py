@@ -387,6 +387,7 @@ class Augmenter:
         self.cfg, self.num_classes, self.seed, self.epoch = cfg, num_classes, seed, 0
         self.randaug = RandAugment(cfg.randaug_ops, cfg.randaug_magnitude) if cfg.randaug_ops else None
         self._generator: torch.Generator | None = None
+        self._host: torch.Generator | None = None  # RandAugment's draws: a CPU generator (see _reseed)
         self._rng = np.random.default_rng(0)
 
     def set_epoch(self, epoch: int) -> None:
