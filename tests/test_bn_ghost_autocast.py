@@ -32,3 +32,14 @@ def test_ghost_bn_under_bf16_autocast_matches_batchnorm_per_sub_batch():
     # fp32 statistics of 12 rows: a few fp32 ulps of 50 (and of the variance)
     assert_close(ghost.bn.running_mean.double(), 0.1 * mean, rtol=1e-5, atol=1e-6)
     assert_close(ghost.bn.running_var.double(), 0.9 + 0.1 * var, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_bn_keeps_float64():
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    ghost = TokenBatchNorm(4, ghost_batch_size=2).double().train()
+    reference = nn.BatchNorm1d(4).double().train()
+    out = ghost(x).reshape(-1, 4)
+    expected = torch.cat([reference(chunk.reshape(-1, 4)) for chunk in x.split(2)])
+    assert out.dtype == torch.float64
+    assert_close(out, expected, rtol=1e-12, atol=1e-12)  # fp64 all through: a few fp64 ulps of values near 1
