@@ -79,6 +79,7 @@ def test_the_bench_takes_the_same_tf32_policy():
 def test_config_and_cli_take_cuda_n(device):
     assert TrainConfig(device=device).device == device
     assert config_from_args(build_parser().parse_args(["train", "--device", device])).train.device == device
+    assert build_parser().parse_args(["eval", "model.pt", "--device", device]).device == device
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cuda:-1", "cpu:0", "cuda1"])

@@ -63,7 +63,7 @@ def _optional_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
 
 
-def _device(text: str) -> str:
+def parse_device(text: str) -> str:
     """auto, cpu, cuda, cuda:N or mps."""
     try:
         return check_device(text, "--device")
@@ -125,7 +125,7 @@ RUN_FLAGS: dict[str, Flag] = {
     "--warmup-epochs": Flag("train", "warmup_epochs", dict(type=float, help="linear warm-up length")),
     "--label-smoothing": Flag("train", "label_smoothing", dict(type=float)),
     "--grad-clip": Flag("train", "grad_clip", dict(type=float, help="max global gradient norm")),
-    "--device": Flag("train", "device", dict(type=_device, metavar="{auto,cpu,cuda,cuda:N,mps}")),
+    "--device": Flag("train", "device", dict(type=parse_device, metavar="{auto,cpu,cuda,cuda:N,mps}")),
     "--precision": Flag("train", "precision", dict(choices=PRECISIONS)),
     "--compile": Flag("train", "compile", dict(action=_BOOL, help="torch.compile the model")),
     "--tf32": Flag("train", "tf32", dict(action=_BOOL, help="TF32 for fp32 matmuls and cuDNN convolutions alike "
