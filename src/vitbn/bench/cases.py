@@ -221,8 +221,10 @@ def kernel_rows(events) -> list[tuple[str, float, str]]:
 
     Kineto shows a kernel's time three times: on the CPU event that launched it (``kernels``), as a device-side row
     of its own, and inside any ``gpu_user_annotation`` row (``Optimizer.step#...``) that spans it. Only the first is
-    read here, from the CPU events. The key is the launching operator (``_launcher``), else the kernel's name; the
-    category is the operator's (``categorize``), else the kernel name's (``categorize_kernel``).
+    read here, from the CPU events; an entry named as its own event is not a kernel (an annotation's device-side
+    span, or the legacy profiler's whole-operator time) and is left out. The key is the launching operator
+    (``_launcher``), else the kernel's name; the category is the operator's (``categorize``), else the kernel
+    name's (``categorize_kernel``).
     """
     from torch.autograd import DeviceType
 
@@ -231,7 +233,7 @@ def kernel_rows(events) -> list[tuple[str, float, str]]:
         if event.device_type != DeviceType.CPU or not event.kernels or getattr(event, "is_async", False):
             continue
         op = _launcher(event)
-        for kernel in event.kernels:
+        for kernel in (k for k in event.kernels if k.name != event.name):
             category = categorize(op) if op is not None else "other"
             if category == "other":
                 category = categorize_kernel(kernel.name)
