@@ -307,8 +307,8 @@ def test_augmentation_on_the_gpu_draws_randaugment_on_the_host_without_a_sync():
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
     try:
         got, targets = gpu(x_gpu, y_gpu)
-        medium = Augmenter(AugmentConfig.from_level("medium"), num_classes=10, seed=3)
-        medium(got, targets)  # crop, RandAugment, Mixup on the GPU
+        cropped = Augmenter(AugmentConfig(crop_padding=2, randaug_ops=2, randaug_magnitude=9), num_classes=10, seed=3)
+        cropped(got, targets)  # and with the crop's draws on the GPU generator
     finally:
         torch.cuda.set_sync_debug_mode(0)
     # the same ops per image (drawn on the host with the same seed); bilinear warps differ by float rounding
