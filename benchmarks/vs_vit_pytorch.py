@@ -44,7 +44,7 @@ import torch
 from torch.testing import assert_close
 
 from vitbn.bench.cases import OP_CATEGORIES, batch_for, first_line, op_shares
-from vitbn.bench.reference import REF, STUDY, load_reference, plain_step
+from vitbn.bench.reference import AUTOCAST_DTYPES, REF, STUDY, autocast_dtype, load_reference, plain_step
 from vitbn.bench.report import as_saved, markdown_page, provenance_line, publish, render_saved
 from vitbn.bench.system import environment, tune_cpu_allocator
 from vitbn.bench.timing import Case, interleave, paired_ratio, summarize, warm_up
@@ -69,8 +69,9 @@ def vitbn_step(model, precision: str, x, y, compile: bool):
 
 
 def infer(model, precision: str, x, compile: bool):
+    """One eval forward pass under ``inference_mode`` and the autocast of ``precision`` (the same for both)."""
     net = torch.compile(model) if compile else model
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = autocast_dtype(precision)
 
     def run():
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
@@ -254,6 +255,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--render FILE.json takes --markdown OUT (the page to write) and no --out")
     if not args.render and not args.vit_pytorch:
         p.error("--vit-pytorch DIR is required to time (see the script's docstring)")
+    unknown = [name for name in args.precisions if name not in AUTOCAST_DTYPES]
+    if unknown:
+        p.error(f"--precisions {','.join(unknown)}: not one of {', '.join(AUTOCAST_DTYPES)}")
+    if "fp16" in args.precisions:  # vitbn's fp16 needs CUDA (a GradScaler); both sides must run what they are named
+        p.error("--precisions fp16 needs CUDA, and this script times on the CPU: use fp32 and bf16")
     return args
 
 

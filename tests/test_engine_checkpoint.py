@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from vitbn.engine.checkpoint import atomic_save, deferred_interrupt, load_checkpoint, rng_state, set_rng_state
+from vitbn.engine.checkpoint import (
+    atomic_save,
+    cuda_states_for,
+    deferred_interrupt,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from vitbn.engine.history import format_epoch, read_history, write_history
 from vitbn.errors import UserError
 
@@ -44,6 +51,39 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])  # weights_only: plain data only
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_cuda_states_for_fewer_visible_devices():
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # synthetic: 8 GPUs' generator states
+    kept, note = cuda_states_for(states, 1)
+    assert len(kept) == 1 and torch.equal(kept[0], states[0])
+    assert note == ("the checkpoint holds the CUDA RNG states of 8 GPUs but 1 are visible: restored those of GPUs "
+                    "0-0, dropped 7 (random streams of those GPUs are not continued)")  # fmt: skip
+    assert cuda_states_for(states[:2], 2) == (states[:2], None)
+    assert cuda_states_for(states[:1], 4) == (states[:1], None)  # more devices than states: the rest keep theirs
+    assert cuda_states_for(states[:2], 0)[0] == []
+
+
+def test_resume_with_fewer_visible_gpus_sets_the_states_that_exist(monkeypatch):
+    """A checkpoint from a machine with 8 visible GPUs, resumed with 1 visible. The CUDA functions are replaced
+    (the only way to reach this branch on a machine without CUDA; tests/test_cuda_paths.py runs it on a GPU): the
+    stand-in refuses device 1 as torch does with an IndexError. Before, ``set_rng_state_all`` hit that error."""
+    set_calls = []
+
+    def fake_set_rng_state(state, device=0):
+        if int(device) >= 1:
+            raise IndexError("list index out of range")
+        set_calls.append((int(device), state.clone()))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake_set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", fake_set_rng_state)  # what set_rng_state_all calls
+    state = rng_state()
+    state["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    with pytest.warns(UserWarning, match=r"CUDA RNG states of 8 GPUs but 1 are visible: .* dropped 7"):
+        set_rng_state(state)
+    assert len(set_calls) == 1 and set_calls[0][0] == 0 and torch.equal(set_calls[0][1], state["cuda"][0])
 
 
 def test_load_checkpoint_errors(tmp_path):

@@ -4,6 +4,8 @@ without torchrun."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from vitbn.data import Dataset, InMemoryLoader, PreparedData, Split
 from vitbn.engine import fit
 from vitbn.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME
 from vitbn.engine.distributed import TORCHRUN_VARS, DistInfo, RankLoader, eval_share
+from vitbn.engine.history import read_history
 from vitbn.engine.setup import check_sync_bn, make_loaders
 from vitbn.errors import UserError
 
@@ -57,6 +60,23 @@ def test_rank_batches_together_are_the_single_process_batches(shuffle):
     assert_close(x, y.float().reshape(-1, 1, 1, 1) / 255)  # images follow their labels, normalized
     ranks[0].set_epoch(5)
     assert loader.epoch == 5
+
+
+def test_rank_loader_augments_each_rank_share():
+    """Every rank's share goes through the inner loader's augmenter (in [0, 1], before normalizing), with the
+    augmenter's targets; before, RankLoader normalized the raw images and kept the hard labels."""
+    seen = []
+
+    def augment(x01, labels):  # a deterministic stand-in: invert the image, one-hot targets
+        seen.append(labels.tolist())
+        return 1.0 - x01, torch.nn.functional.one_hot(labels, 24).float()
+
+    loader = InMemoryLoader(_split(24), batch_size=8, mean=0.5, std=0.25, augment=augment)
+    (x, y), *_ = list(RankLoader(loader, 1, 2))
+    assert seen[0] == [1, 3, 5, 7]  # the augmenter saw this rank's share of global batch 0
+    expected = ((1.0 - torch.tensor([1.0, 3, 5, 7]) / 255) - 0.5) / 0.25
+    assert_close(x.flatten(), expected)
+    assert_close(y, torch.nn.functional.one_hot(torch.tensor([1, 3, 5, 7]), 24).float())
 
 
 def test_rank_loader_rules():
@@ -199,3 +219,81 @@ def test_a_rank_leaves_without_finalizing_the_interpreter_while_gloo_threads_liv
     base, after = map(int, proc.stdout.split("threads")[1].split())
     assert after > base  # the backend's threads outlived destroy_process_group
     assert "not reached" not in proc.stdout and "terminate called" not in proc.stderr
+
+
+# PRepBN through its whole ramp in 3 epochs of 3 steps: lambda = 1 for steps 0-2 (epoch 1, LayerNorm alone: RepBN's
+# parameters get no gradient), the blend for steps 3-4, then lambda = 0 (RepBN alone: the LayerNorm's get none).
+PREPBN = {**CONFIG, "model": {**CONFIG["model"], "name": "vit", "norm": "prepbn"},
+          "train": {**CONFIG["train"], "epochs": 3, "precise_bn": False, "prepbn_warmup_steps": 2,
+                    "prepbn_decay_steps": 3}}  # fmt: skip
+LAMBDAS = [2 / 3, 0.0, 0.0]  # lambda after each epoch's last step: 1 - (3 - 2) / 3, then 0
+
+
+def test_torchrun_prepbn_through_the_ramp_matches_one_process(tmp_path):
+    """DDP used to fail at the first step ("Expected to have finished reduction ..."): at lambda = 1 RepBN's
+    parameters take no part in the loss. With SyncBN, two ranks of 20 images train as one process with the batch
+    of 40 in every phase. Tolerance rtol 1e-5, atol 1e-6 (float32): the two runs differ only in summation order
+    (the mean of two half-batch losses, DDP's average of two half-batch gradients), a few ulps per step over 9
+    SGD steps."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**PREPBN, "track": {"enabled": False, "run_name": "ddp"}}))
+    proc = _torchrun(tmp_path, "--sync-bn")
+    assert proc.stdout.count("finished after 3 epoch") == 1
+    ddp = read_history(tmp_path / "runs" / "ddp")
+    single_cfg = {**PREPBN, "train": {**PREPBN["train"], "out_dir": str(tmp_path / "single")},
+                  "track": {"enabled": False, "run_name": "one"}}  # fmt: skip
+    single = fit(RunConfig.from_dict(single_cfg), progress="none")
+    assert_close([r["prepbn/lambda"] for r in ddp], LAMBDAS)
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc"):
+        assert_close([r[key] for r in ddp], [r[key] for r in single.history], rtol=1e-5, atol=1e-6, msg=key)
+    weights = torch.load(tmp_path / "runs" / "ddp" / MODEL_NAME, weights_only=True)["state_dict"]
+    for key, value in single.model.state_dict().items():
+        assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+_AUGMENTED_RANK = """
+import json, os, sys
+from vitbn.data import augment
+
+original = augment.Augmenter.__call__
+calls = []
+
+def recording(self, x01, labels):  # what each rank's augmenter was given and gave back
+    x, targets = original(self, x01, labels)
+    calls.append({"images": x01.shape[0], "changed": bool((x - x01).abs().amax() > 0.1), "soft": targets.ndim == 2,
+                  "seed": self.seed, "first": x[0].flatten()[:200].tolist()})
+    return x, targets
+
+augment.Augmenter.__call__ = recording
+from vitbn.cli import main
+from vitbn.engine.distributed import exit_process
+
+code = main(sys.argv[1:])
+with open(f"rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({"code": code, "calls": calls}, f)
+exit_process(code)
+"""
+
+
+def test_torchrun_augments_every_rank_batch_through_the_prepbn_ramp(tmp_path):
+    """``--augment medium`` under torchrun (without SyncBN): every step of every rank augments its 20 images (crop,
+    RandAugment, Mixup: soft targets), each rank with its own stream; before, RankLoader skipped the augmenter."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**PREPBN, "track": {"enabled": False, "run_name": "aug"}}))
+    (tmp_path / "rank.py").write_text(_AUGMENTED_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "rank.py", "train", "--config", "c.yaml", "--progress", "none",
+           "--augment", "medium"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    for rank, record in enumerate(ranks):
+        calls = record["calls"]
+        assert len(calls) == 9  # 3 epochs x 3 steps
+        assert all(c["images"] == 20 and c["changed"] and c["soft"] for c in calls)
+        assert {c["seed"] for c in calls} == {PREPBN["train"].get("seed", 0) + 1000 * rank}
+    assert ranks[0]["calls"][0]["first"] != ranks[1]["calls"][0]["first"]
+    history = read_history(tmp_path / "runs" / "aug")
+    assert_close([r["prepbn/lambda"] for r in history], LAMBDAS)
+    assert all(math.isfinite(r["train/loss"]) for r in history)

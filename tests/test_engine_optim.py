@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.testing import assert_close
 
 from vitbn.config import TrainConfig
 from vitbn.engine import WarmupCosine, build_optimizer, build_scheduler, param_groups
@@ -42,6 +44,24 @@ def test_build_optimizer(optimizer, cls, tiny_overrides):
     assert opt.defaults["fused"] or opt.defaults["foreach"]
     if optimizer == "sgd":
         assert opt.defaults["momentum"] == 0.8
+
+
+def test_sgd_with_momentum_takes_parameters_whose_first_gradient_comes_later():
+    """PRepBN's RepBN gets its first gradient when the ramp begins; fused SGD raised a TypeError there."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    reference = copy.deepcopy(model)
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9)
+    opt = build_optimizer(model, cfg)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    x = torch.linspace(-1, 1, 6).reshape(2, 3)
+    for step in range(3):
+        for net, optim in ((model, opt), (reference, ref_opt)):
+            optim.zero_grad(set_to_none=True)
+            out = net(x) if step else net[0](x)  # step 0: the second Linear is left out of the graph
+            out.square().sum().backward()
+            optim.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:

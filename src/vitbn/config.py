@@ -25,7 +25,7 @@ ATTN_IMPLS = ("auto", "fused", "plain")
 ATTN_ALIASES = {"sdpa": "fused", "explicit": "plain"}  # the names of earlier versions, in saved configs
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N", the GPU of index N (see check_device)
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENT_LEVELS = ("none", "light", "medium", "heavy")
 RANDAUG_MAX_MAGNITUDE = 30  # torchvision's scale: magnitude 30 is each op's largest change
@@ -34,6 +34,15 @@ RANDAUG_MAX_MAGNITUDE = 30  # torchvision's scale: magnitude 30 is each op's lar
 def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field_name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
+def check_device(value: Any, field_name: str = "device") -> str:
+    """``value`` if it names a device a run can ask for: one of ``DEVICES`` or ``cuda:N`` (N a GPU index; whether
+    that GPU exists is checked when the run starts); else a ValueError naming the allowed forms."""
+    kind, colon, index = str(value).partition(":")
+    if value in DEVICES or (kind == "cuda" and colon and index.isdigit()):
+        return value
+    raise ValueError(f"{field_name}={value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (a GPU index), 'mps'")
 
 
 def _positive(field_name: str, value: Any) -> None:
@@ -314,6 +323,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    # TF32 for fp32 matrix products and cuDNN convolutions alike (Ampere and later GPUs; no effect elsewhere).
+    # Off: fp32 means fp32 on every GPU (PyTorch's own default leaves matmuls in fp32 but convolutions in TF32).
+    tf32: bool = False
     threads: int | None = None  # torch.set_num_threads; None leaves PyTorch's choice
     seed: int = 0
     out_dir: str = "runs"  # checkpoints and exported models go to out_dir/<run name>
@@ -337,7 +349,9 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
-        _choice("device", self.device, DEVICES)
+        check_device(self.device)
+        if not isinstance(self.tf32, bool):
+            raise ValueError(f"tf32={self.tf32!r} must be true or false")
         _choice("precision", self.precision, PRECISIONS)
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")

@@ -34,6 +34,17 @@ OP_CATEGORIES = (
                      "aten::lerp", "aten::addc", "aten::sqrt", "aten::neg", "aten::exp", "loss", "aten::argmax",
                      "aten::eq", "aten::_foreach")),
 )  # fmt: skip
+# Kernel-name fragments per category (matched lower-case, first match wins), for the kernels of a CUDA profile
+# whose launching operator is unknown or says nothing (cuBLAS/cuBLASLt, CUTLASS, flash and memory-efficient
+# attention, cuDNN and ATen norms, fused optimizers, copies and memsets).
+KERNEL_CATEGORIES = (
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "flash", "fmha", "attention", "sdpa")),
+    ("norm", ("layer_norm", "layernorm", "batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford", "rms_norm")),
+    ("softmax", ("softmax",)),
+    ("optimizer", ("adam", "sgd")),
+    ("copy", ("copy", "memcpy", "memset", "catarray", "index", "fill")),
+    ("elementwise", ("elementwise", "reduce", "gelu", "functor")),
+)  # fmt: skip
 _WINDOW = "vitbn.bench.memory_window"
 
 
@@ -176,9 +187,64 @@ def categorize(op: str) -> str:
     return "other"
 
 
-def self_times(run: Callable[[], object], device: torch.device, iters: int) -> list[tuple[str, float, int]]:
-    """``(operator, self time in microseconds, calls)`` of every operator over ``iters`` profiled calls of ``run``:
-    device time on CUDA, CPU time elsewhere."""
+def categorize_kernel(name: str) -> str:
+    """The category of a CUDA kernel's name (``KERNEL_CATEGORIES``, first match), else ``"other"``."""
+    lower = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(n in lower for n in needles):
+            return category
+    return "other"
+
+
+def _skipped(event) -> bool:
+    """A CPU event that launches nothing itself: a runtime call (``cudaLaunchKernel``), a user annotation
+    (``Optimizer.step#Adam.step``, ``record_function``) or a Python frame."""
+    name = event.name
+    return (
+        name.startswith(("cuda", "cuLaunch", "cuMemcpy", "cuMemset", "hip"))
+        or "#" in name
+        or bool(getattr(event, "is_user_annotation", False))
+        or bool(getattr(event, "is_python_function", False))
+    )
+
+
+def _launcher(event) -> str | None:
+    """The operator that launched the kernels recorded on ``event``: the event itself, or its nearest ancestor that
+    is neither a runtime call nor an annotation; None if there is none."""
+    while event is not None and _skipped(event):
+        event = event.cpu_parent
+    return None if event is None else event.name
+
+
+def kernel_rows(events) -> list[tuple[str, float, str]]:
+    """``(key, device microseconds, category)`` of every kernel (and memcpy/memset) of a CUDA profile, each once.
+
+    Kineto shows a kernel's time three times: on the CPU event that launched it (``kernels``), as a device-side row
+    of its own, and inside any ``gpu_user_annotation`` row (``Optimizer.step#...``) that spans it. Only the first is
+    read here, from the CPU events; an entry named as its own event is not a kernel (an annotation's device-side
+    span, or the legacy profiler's whole-operator time) and is left out. The key is the launching operator
+    (``_launcher``), else the kernel's name; the category is the operator's (``categorize``), else the kernel
+    name's (``categorize_kernel``).
+    """
+    from torch.autograd import DeviceType
+
+    rows = []
+    for event in events:
+        if event.device_type != DeviceType.CPU or not event.kernels or getattr(event, "is_async", False):
+            continue
+        op = _launcher(event)
+        for kernel in (k for k in event.kernels if k.name != event.name):
+            category = categorize(op) if op is not None else "other"
+            if category == "other":
+                category = categorize_kernel(kernel.name)
+            rows.append((op if op is not None else kernel.name, float(kernel.duration), category))
+    return rows
+
+
+def profile_rows(run: Callable[[], object], device: torch.device, iters: int) -> list[tuple[str, float, int, str]]:
+    """``(operator, self time in microseconds, calls, category)`` over ``iters`` profiled calls of ``run``: on
+    CUDA the device time of the kernels each operator launched (``kernel_rows``; ``calls`` counts kernels), CPU
+    time elsewhere."""
     from torch.profiler import ProfilerActivity
 
     cuda = device.type == "cuda"
@@ -187,16 +253,38 @@ def self_times(run: Callable[[], object], device: torch.device, iters: int) -> l
         for _ in range(iters):
             run()
         synchronize(device)
-    return [(a.key, a.self_device_time_total if cuda else a.self_cpu_time_total, a.count) for a in prof.key_averages()]
+    if not cuda:
+        return [(a.key, a.self_cpu_time_total, a.count, categorize(a.key)) for a in prof.key_averages()]
+    totals: dict[tuple[str, str], list] = {}
+    for key, us, category in kernel_rows(prof.events()):
+        row = totals.setdefault((key, category), [0.0, 0])
+        row[0], row[1] = row[0] + us, row[1] + 1
+    return [(key, us, count, category) for (key, category), (us, count) in totals.items()]
+
+
+def self_times(run: Callable[[], object], device: torch.device, iters: int) -> list[tuple[str, float, int]]:
+    """``(operator, self time in microseconds, calls)`` of every operator over ``iters`` profiled calls of ``run``:
+    device time on CUDA (each kernel once, see ``kernel_rows``), CPU time elsewhere."""
+    totals: dict[str, list] = {}
+    for key, us, count, _category in profile_rows(run, device, iters):
+        row = totals.setdefault(key, [0.0, 0])
+        row[0], row[1] = row[0] + us, row[1] + count
+    return [(key, us, count) for key, (us, count) in totals.items()]
+
+
+def shares(rows: list[tuple[str, float, int, str]]) -> dict[str, float]:
+    """Percent of the time per category (``OP_CATEGORIES`` and ``"other"``) of ``profile_rows``."""
+    times = dict.fromkeys([c for c, _ in OP_CATEGORIES] + ["other"], 0.0)
+    for _key, us, _count, category in rows:
+        times[category] += us
+    total = sum(times.values())
+    return {c: 100.0 * t / total if total else float("nan") for c, t in times.items()}
 
 
 def op_shares(run: Callable[[], object], device: torch.device, iters: int = 3) -> dict[str, float]:
     """Percent of operator time per category (``OP_CATEGORIES``: matrix products, normalization, softmax,
-    copies, optimizer, elementwise, other) over ``iters`` profiled calls: operators' self time (device time on
-    CUDA, CPU time elsewhere) summed per category, over the sum for all operators. The profiler adds a fixed
-    cost per operator, so cheap operators (the norms) come out over- rather than under-estimated."""
-    times = dict.fromkeys([c for c, _ in OP_CATEGORIES] + ["other"], 0.0)
-    for op, self_time, _count in self_times(run, device, iters):
-        times[categorize(op)] += self_time
-    total = sum(times.values())
-    return {c: 100.0 * t / total if total else float("nan") for c, t in times.items()}
+    copies, optimizer, elementwise, other) over ``iters`` profiled calls: operators' self time (on CUDA the device
+    time of their kernels, each counted once; CPU time elsewhere) summed per category, over the sum for all. The
+    profiler adds a fixed cost per operator, so cheap operators (the norms) come out over- rather than
+    under-estimated on the CPU."""
+    return shares(profile_rows(run, device, iters))

@@ -6,6 +6,7 @@ All cases are eager and timed in the same interleaved rounds, so every ratio is 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,8 +56,12 @@ def stem_flops(model) -> dict:
 
 
 def _case(name: str, model, mode: str, precision: str, batch: int, device: torch.device) -> Case:
-    build = C.train_case if mode == "train" else C.infer_case
-    return build(name, model, precision=precision, batch=batch, device=device, compile=False)
+    """A training case trains a copy: ``train_case`` puts its model in training mode and its steps update the
+    weights, which would leave the inference cases of the same model running BatchNorm in training mode on
+    changing weights."""
+    if mode == "train":
+        return C.train_case(name, copy.deepcopy(model), precision=precision, batch=batch, device=device, compile=False)
+    return C.infer_case(name, model, precision=precision, batch=batch, device=device, compile=False)
 
 
 def run_recipes(
@@ -64,6 +69,21 @@ def run_recipes(
     log: Callable[[str], None] = lambda _msg: None,
 ) -> dict:  # fmt: skip
     """Measures the recipe cases; returns ``{"rows", "ratios", "stems"}``."""
+    cases, rows, stems = recipe_cases(options, device)
+    log(f"recipes: warming up {len(cases)} cases")
+    for case in cases.values():
+        warm_up(case, warmup, min_repeat_s)
+    log(f"recipes: timing {len(cases)} cases in {repeats} interleaved rounds ...")
+    interleave(list(cases.values()), repeats)
+    for row, case in zip(rows, cases.values()):
+        stats = summarize(case.samples)
+        row.update(img_s=stats["median"], spread_pct=stats["spread_pct"], ms=1000.0 * row["batch"] / stats["median"])
+    return {"rows": rows, "ratios": _ratios(cases, options), "stems": stems}
+
+
+def recipe_cases(options: RecipeOptions, device: torch.device) -> tuple[dict[tuple, Case], list[dict], dict]:
+    """The recipe section's cases (keyed ``(what, model, variant, precision, mode, batch)``), their rows in the
+    same order, and the stems' FLOPs; nothing timed."""
     over = dict(options.overrides)
     cases: dict[tuple, Case] = {}
     rows: list[dict] = []
@@ -91,15 +111,7 @@ def run_recipes(
                     rows.append({"what": "stem", "model": model_name, "variant": f"{stem} (patch {STEM_PATCH})",
                                  "precision": precision, "mode": mode, "batch": batch, "params": count_params(model),
                                  "flops_img": stems[f"{model_name} {stem}"]["model"]})  # fmt: skip
-    log(f"recipes: warming up {len(cases)} cases")
-    for case in cases.values():
-        warm_up(case, warmup, min_repeat_s)
-    log(f"recipes: timing {len(cases)} cases in {repeats} interleaved rounds ...")
-    interleave(list(cases.values()), repeats)
-    for row, case in zip(rows, cases.values()):
-        stats = summarize(case.samples)
-        row.update(img_s=stats["median"], spread_pct=stats["spread_pct"], ms=1000.0 * row["batch"] / stats["median"])
-    return {"rows": rows, "ratios": _ratios(cases, options), "stems": stems}
+    return cases, rows, stems
 
 
 def _ratios(cases: dict[tuple, Case], options: RecipeOptions) -> list[dict]:

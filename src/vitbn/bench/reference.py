@@ -49,19 +49,38 @@ def load_reference(path: str | Path) -> type:
     return module.ViT
 
 
+# The autocast dtype of each precision, as vitbn's engine uses them (None: no autocast, fp32).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (None for fp32), so that the reference runs in the precision vitbn runs
+    in; a one-line UserError for a name that is not a precision."""
+    if precision not in AUTOCAST_DTYPES:
+        raise UserError(f"precision={precision!r} is not one of {', '.join(map(repr, AUTOCAST_DTYPES))}")
+    return AUTOCAST_DTYPES[precision]
+
+
 def plain_step(model: torch.nn.Module, precision: str, x: torch.Tensor, y: torch.Tensor, compile: bool) -> Callable:
     """The reference's training step as a plain PyTorch script writes it: ``Adam(model.parameters())`` with
-    PyTorch's default implementation, ``zero_grad()``, ``F.cross_entropy``, ``backward()``, ``step()``."""
+    PyTorch's default implementation, ``zero_grad()``, ``F.cross_entropy``, ``backward()``, ``step()``; under
+    autocast in ``precision``, and for fp16 with a ``GradScaler`` (as vitbn's step)."""
     net = torch.compile(model) if compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = autocast_dtype(precision)
+    scaler = torch.amp.GradScaler(x.device.type) if precision == "fp16" else None
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 

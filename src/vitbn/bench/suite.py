@@ -17,7 +17,7 @@ from vitbn.bench.system import environment, native_bf16, tune_cpu_allocator
 from vitbn.bench.targets import against_reference, profile_training
 from vitbn.bench.timing import Case, interleave, matmul_case, paired_ratio, summarize, warm_up
 from vitbn.config import PRECISIONS
-from vitbn.engine.device import resolve_device
+from vitbn.engine.device import resolve_device, set_tf32
 from vitbn.errors import UserError, first_line
 from vitbn.models import create_model, list_models
 
@@ -41,6 +41,7 @@ class BenchOptions:
     infer_batch_size: int = 1000
     device: str = "auto"
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's choice (the physical cores)
+    tf32: bool = False  # TF32 for fp32 matmuls and cuDNN convolutions alike on CUDA (train.tf32's policy)
     warmup: int = 5  # untimed iterations per case (the compiled ones compile in the first)
     repeats: int = 7  # timed rounds; every round times every case once
     min_repeat_s: float = 0.3  # a repeat runs enough iterations to last this long
@@ -330,6 +331,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         log: progress messages (one line each).
     """
     device = resolve_device(options.device)
+    if device.type == "cuda":
+        set_tf32(options.tf32)
     if options.threads:
         torch.set_num_threads(options.threads)
     tuned = tune_cpu_allocator() if options.tune_allocator else False

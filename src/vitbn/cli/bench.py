@@ -57,6 +57,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's, the physical cores)")
     p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TF32 for fp32 matmuls and cuDNN convolutions alike on Ampere+ GPUs (default: off, fp32 stays fp32)",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -131,6 +137,7 @@ _FIELDS = (
     "infer_batch_size",
     "device",
     "threads",
+    "tf32",
     "compile",
     "repeats",
     "warmup",

@@ -15,7 +15,6 @@ from vitbn.config import (
     ATTN_IMPLS,
     AUGMENT_LEVELS,
     BN_STATS,
-    DEVICES,
     NORMS,
     OPTIMIZERS,
     POOLS,
@@ -23,6 +22,7 @@ from vitbn.config import (
     PRECISIONS,
     SCHEDULES,
     STEMS,
+    check_device,
 )
 
 
@@ -61,6 +61,14 @@ def _optional_float(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
+def parse_device(text: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps."""
+    try:
+        return check_device(text, "--device")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _norm(help: str) -> dict:
@@ -119,9 +127,11 @@ RUN_FLAGS: dict[str, Flag] = {
     "--warmup-epochs": Flag("train", "warmup_epochs", dict(type=float, help="linear warm-up length")),
     "--label-smoothing": Flag("train", "label_smoothing", dict(type=float)),
     "--grad-clip": Flag("train", "grad_clip", dict(type=float, help="max global gradient norm")),
-    "--device": Flag("train", "device", dict(choices=DEVICES)),
+    "--device": Flag("train", "device", dict(type=parse_device, metavar="{auto,cpu,cuda,cuda:N,mps}")),
     "--precision": Flag("train", "precision", dict(choices=PRECISIONS)),
     "--compile": Flag("train", "compile", dict(action=_BOOL, help="torch.compile the model")),
+    "--tf32": Flag("train", "tf32", dict(action=_BOOL, help="TF32 for fp32 matmuls and cuDNN convolutions alike "
+                   "on Ampere+ GPUs (default: off, fp32 stays fp32)")),
     "--threads": Flag("train", "threads", dict(type=int, help="torch.set_num_threads")),
     "--seed": Flag("train", "seed", dict(type=int)),
     "--max-steps": Flag("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch")),

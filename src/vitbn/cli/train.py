@@ -7,8 +7,8 @@ import argparse
 import shlex
 import sys
 
-from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, add_flags, dest, given
-from vitbn.config import DEVICES, PRECISIONS, RunConfig, load_yaml
+from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, add_flags, dest, given, parse_device
+from vitbn.config import PRECISIONS, RunConfig, load_yaml
 from vitbn.errors import UserError
 
 SECTIONS = ("model", "data", "train", "track", "hpo", "augment")
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     ev.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
     ev.add_argument("--image-size", type=int, default=None, help="resize the images to NxN (as `vitbn finetune`)")
     ev.add_argument("--batch-size", type=int, default=5000)
-    ev.add_argument("--device", choices=DEVICES, default="auto")
+    ev.add_argument("--device", type=parse_device, default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}")
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ev.add_argument("--fuse-bn", action="store_true", help="fold BatchNorms into the linear layers first")
     ev.set_defaults(func=run_eval)

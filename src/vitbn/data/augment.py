@@ -27,6 +27,8 @@ Choices worth knowing:
       permutation; CutMix's lambda is corrected to the pasted area inside the image. The per-batch draws (mix or
       not, which, lambda) come from a CPU NumPy generator, the per-sample ones from a ``torch.Generator`` on the
       images' device, both seeded by (seed, cfg.seed, epoch), so the augmenter never waits on the device for them.
+      RandAugment's ops and signs are drawn on the CPU (the same generator on a CPU; on a GPU a CPU generator with
+      that seed): the host needs the group sizes, and counting them there costs no sync with the GPU.
 """
 
 from __future__ import annotations
@@ -58,12 +60,17 @@ MODES = ("bilinear", "nearest")
 
 
 def _per_sample(value: Param, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) parameter as a (B, 1, 1, 1) tensor in x's dtype on x's device."""
+    """A scalar or (B,) parameter as a (B, 1, 1, 1) tensor in x's dtype on x's device. A Python number is filled
+    in on the device: copying it there from the host would wait for the GPU."""
+    if isinstance(value, (int, float)):
+        return x.new_full((x.shape[0], 1, 1, 1), float(value))
     return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
 
 
 def _shifts(value: Param, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) integer shift as a (B,) int64 tensor on x's device."""
+    """A scalar or (B,) integer shift as a (B,) int64 tensor on x's device (a Python number filled in there)."""
+    if isinstance(value, (int, float)):
+        return torch.full((x.shape[0],), int(value), dtype=torch.long, device=x.device)
     return torch.as_tensor(value, device=x.device).long().reshape(-1).expand(x.shape[0])
 
 
@@ -119,7 +126,7 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, *, mode: str = "bilinear") -> to
     inv = torch.stack([torch.stack([a[:, 1, 1], -a[:, 0, 1]], -1), torch.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], 1)
     inv = inv / det[:, None, None]
     # Output -> input in normalized coordinates (align_corners=False): n = S u, S = diag(2 / W, 2 / H).
-    scale = x.new_tensor([2.0 / w, 2.0 / h])
+    scale = torch.stack([x.new_full((), 2.0 / w), x.new_full((), 2.0 / h)])  # filled on the device: no host copy
     lin = scale[None, :, None] * inv / scale[None, None, :]  # S A^-1 S^-1
     theta = torch.cat([lin, -scale[None, :, None] * (inv @ t)], 2)  # (B, 2, 3)
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
@@ -152,7 +159,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 1, H, W) luma; a single channel is returned as it is."""
     if x.shape[1] == 1:
         return x
-    return (x * x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    weights = torch.stack([x.new_full((), w) for w in GRAY_WEIGHTS])  # filled on the device: no host copy
+    return (x * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def brightness(x: torch.Tensor, factor: Param) -> torch.Tensor:
@@ -175,7 +183,9 @@ def sharpness(x: torch.Tensor, factor: Param) -> torch.Tensor:
     b, c, h, w = x.shape
     if h < 3 or w < 3:
         return x
-    kernel = x.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).view(1, 1, 3, 3) / 13
+    kernel = x.new_ones(3, 3)  # [[1, 1, 1], [1, 5, 1], [1, 1, 1]], filled on the device: no host copy
+    kernel[1, 1] = 5.0
+    kernel = kernel.view(1, 1, 3, 3) / 13
     smooth = F.conv2d(x.reshape(b * c, 1, h, w), kernel).view(b, c, h - 2, w - 2)
     degenerate = x.clone()
     degenerate[..., 1:-1, 1:-1] = smooth
@@ -193,7 +203,10 @@ def _to_uint8_levels(x: torch.Tensor) -> torch.Tensor:
 
 def posterize(x: torch.Tensor, bits: Param) -> torch.Tensor:
     """Keeps the top ``bits`` (0..8) bits of each pixel's 8-bit value."""
-    keep = torch.as_tensor(bits, device=x.device).long().reshape(-1, 1, 1, 1)
+    if isinstance(bits, int):  # filled on the device: no host copy
+        keep = torch.full((1, 1, 1, 1), bits, dtype=torch.long, device=x.device)
+    else:
+        keep = torch.as_tensor(bits, device=x.device).long().reshape(-1, 1, 1, 1)
     mask = 256 - 2 ** (8 - keep)  # bits=1: 0b10000000
     return (_to_uint8_levels(x) & mask).to(x.dtype) / 255
 
@@ -236,7 +249,9 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, lam: Param, perm: torch.Tensor
 def cutmix_boxes(lam: Param, batch: int, height: int, width: int, generator: torch.Generator) -> Boxes:
     """CutMix boxes of side ``sqrt(1 - lam)`` times the image's, centred uniformly, clipped to the image (timm)."""
     dev = generator.device
-    ratio = (1 - torch.as_tensor(lam, dtype=torch.float32, device=dev)).clamp(0, 1).sqrt().reshape(-1).expand(batch)
+    # a Python lam is filled in on the device (copying it there from the host would wait for the GPU)
+    lam = torch.full((), lam, device=dev) if isinstance(lam, (int, float)) else torch.as_tensor(lam, device=dev)
+    ratio = (1 - lam.to(torch.float32)).clamp(0, 1).sqrt().reshape(-1).expand(batch)
     boxes = []
     for size, cut in ((height, (ratio * height).long()), (width, (ratio * width).long())):
         centre = torch.randint(0, size, (batch,), generator=generator, device=dev)
@@ -328,21 +343,24 @@ class RandAugment:
         }
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Draws (num_ops, B) ops and signs from ``generator`` and applies them (see ``apply``)."""
+        """Draws (num_ops, B) ops and signs from ``generator`` and applies them (see ``apply``). Give a CPU
+        generator for images on a GPU: the group sizes are then counted on the host without waiting for the GPU."""
         shape, dev, n = (self.num_ops, x.shape[0]), generator.device, len(self.op_names(x.shape[1]))
         ops = torch.randint(0, n, shape, generator=generator, device=dev)
         signs = torch.randint(0, 2, shape, generator=generator, device=dev) * 2 - 1
-        return self.apply(x, ops.to(x.device), signs.to(x.device))
+        return self.apply(x, ops, signs)
 
     def apply(self, x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         """Applies op ``ops[k, i]`` (an index into ``op_names(C)``) with sign ``signs[k, i]`` to image i, k in order.
 
         Per slot the samples are grouped by op (a stable argsort), each group goes through its op once, and the
-        results are written back in place; the group sizes cost one host sync for all slots.
+        results are written back in place. The group sizes are counted where ``ops`` lives: on the CPU that costs
+        nothing, on a GPU one host sync for all slots.
         """
         names = self.op_names(x.shape[1])
         table = self.ops(*x.shape[-2:])
         counts = F.one_hot(ops, len(names)).sum(1).tolist()  # (num_ops, n_ops)
+        ops, signs = ops.to(x.device, non_blocking=True), signs.to(x.device, non_blocking=True)
         for slot_ops, slot_signs, slot_counts in zip(ops, signs, counts):
             order = torch.argsort(slot_ops, stable=True)
             groups = zip(names, x[order].split(slot_counts), slot_signs[order].to(x.dtype).split(slot_counts))
@@ -369,6 +387,7 @@ class Augmenter:
         self.cfg, self.num_classes, self.seed, self.epoch = cfg, num_classes, seed, 0
         self.randaug = RandAugment(cfg.randaug_ops, cfg.randaug_magnitude) if cfg.randaug_ops else None
         self._generator: torch.Generator | None = None
+        self._host: torch.Generator | None = None  # RandAugment's draws: a CPU generator (see _reseed)
         self._rng = np.random.default_rng(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -380,6 +399,9 @@ class Augmenter:
     def _reseed(self, device: torch.device) -> None:
         seed = epoch_seed(epoch_seed(self.seed, self.cfg.seed), self.epoch)
         self._generator = torch.Generator(device=device).manual_seed(seed)
+        # RandAugment's op draws decide the group sizes the host needs: drawn on the CPU, they never wait for a
+        # GPU. On the CPU it is the one generator (the stream as before); on a GPU a CPU one with the same seed.
+        self._host = self._generator if self._generator.device.type == "cpu" else torch.Generator().manual_seed(seed)
         self._rng = np.random.default_rng(seed)
 
     def __call__(self, x01: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,7 +426,7 @@ class Augmenter:
         if cfg.rotate:
             x = rotate(x, torch.rand(x.shape[0], generator=g, device=g.device) * (2 * cfg.rotate) - cfg.rotate)
         if self.randaug is not None:
-            x = self.randaug(x, g)
+            x = self.randaug(x, self._host)
         if not cfg.mixes:
             return x.to(x01.dtype), labels.long()
         targets = F.one_hot(labels.long(), self.num_classes).float()

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,35 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what ``rng_state`` captured."""
+    """Restores what ``rng_state`` captured. A checkpoint may hold the CUDA states of more GPUs than are visible
+    now (a run trained with 8 visible, resumed with ``CUDA_VISIBLE_DEVICES=0``): the visible devices get theirs
+    and one warning says how many states were dropped."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        kept, note = cuda_states_for(state["cuda"], torch.cuda.device_count())
+        for index, cuda_state in enumerate(kept):
+            torch.cuda.set_rng_state(cuda_state, index)
+        if note:
+            warnings.warn(note, stacklevel=2)
+
+
+def cuda_states_for(states: list[torch.Tensor], visible: int) -> tuple[list[torch.Tensor], str | None]:
+    """The CUDA generator states of a checkpoint that the ``visible`` devices take (device i gets state i), and a
+    one-line note when some are dropped (None when all fit; devices beyond the saved states keep theirs)."""
+    states = list(states)
+    if len(states) <= visible:
+        return states, None
+    dropped = len(states) - visible
+    return states[:visible], (
+        f"the checkpoint holds the CUDA RNG states of {len(states)} GPUs but {visible} are visible: restored "
+        f"those of GPUs 0-{visible - 1}, dropped {dropped} (random streams of those GPUs are not continued)"
+        if visible
+        else f"the checkpoint holds the CUDA RNG states of {len(states)} GPUs but none is visible: dropped them"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Compiled:
     def compiled(self) -> bool:
         return self.module is not self.eager
 
+    def first_call(self, stage: str) -> bool:
+        """Whether the next call of ``stage`` compiles it: a compiled module that has not run that stage yet."""
+        return self.compiled and stage not in self._checked
+
     def run(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(module, *args, **kwargs)``; on the first call of ``stage`` a compiler failure reruns it eagerly."""
         if not self.compiled or stage in self._checked:

@@ -26,6 +26,12 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise UserError(f"device={name!r}: CUDA is not available in this PyTorch build/machine; use cpu or auto")
     if kind == "mps" and not mps_ok:
         raise UserError(f"device={name!r}: MPS is not available on this machine; use cpu or auto")
+    index = name.partition(":")[2]
+    if kind == "cuda" and index.isdigit() and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(
+            f"device={name!r}: {count} GPU(s) visible, cuda:0 to cuda:{count - 1}; see CUDA_VISIBLE_DEVICES"
+        )
     try:
         return torch.device(name)
     except RuntimeError:
@@ -55,6 +61,14 @@ def make_amp(precision: str, device: torch.device, *, training: bool = True) -> 
         raise UserError(f"precision='fp16' needs a CUDA device (got {device.type}); use bf16 or fp32")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and training else None
     return Amp(device.type, dtype, scaler)
+
+
+def set_tf32(enabled: bool) -> None:
+    """One TF32 policy for fp32 work on CUDA: cuBLAS matrix products and cuDNN convolutions alike (PyTorch's own
+    defaults differ: products in fp32, convolutions in TF32). Only Ampere and later GPUs have TF32. Set through the
+    ``allow_tf32`` flags: mixing them with the newer ``fp32_precision`` ones makes torch raise when they are read."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def seed_everything(seed: int) -> None:

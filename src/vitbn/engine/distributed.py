@@ -9,7 +9,9 @@ of rank 0 (``is_main_process``).
 Under ``torchrun`` every rank holds the whole training split and draws the same seeded permutation per epoch;
 batch i of rank r is every ``world_size``-th image of the global batch i from position r on (the layout of
 ``torch.utils.data.DistributedSampler``). So N ranks with B/N images each see, step for step, the batches of
-one process with B, and with SyncBN (and DDP's gradient averaging) they train as that process would.
+one process with B, and with SyncBN (and DDP's gradient averaging) they train as that process would. With
+augmentation on, each rank augments its own share with its own seeded stream (see ``make_loaders``), so the ranks
+do not repeat each other's crops and mixes; a run then matches one process in distribution, not batch for batch.
 Evaluation splits are cut into contiguous shares whose confusion matrices and loss sums are all-reduced, so
 every rank ends an epoch with the same record (and the same decisions: divergence, end of run).
 """
@@ -192,9 +194,25 @@ def wrap_ddp(model: nn.Module, *, sync_bn: bool = False, device: str | torch.dev
             nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_sync_batchnorm(model)
         )
     model.to(device)
+    # A PRepBN runs only its LayerNorm while lambda = 1 and only its RepBN at lambda = 0, so the other branch's
+    # parameters get no gradient and DDP's reducer would wait for them. ``find_unused_parameters`` lets DDP mark
+    # them ready after each backward (their gradient stays None on every rank, as in one process); it costs a walk
+    # of the autograd graph per step, so only models that can leave parameters unused pay it. Adding the idle
+    # branch as ``0 * branch`` would keep the graph static, but turns those None gradients into zeros, which Adam's
+    # moments and weight decay then act on: the run would no longer match one process.
+    find_unused = has_idle_parameters(model)
     if device.type != "cuda":
-        return DistributedDataParallel(model)
-    return DistributedDataParallel(model, device_ids=[device.index if device.index is not None else 0])
+        return DistributedDataParallel(model, find_unused_parameters=find_unused)
+    index = device.index if device.index is not None else 0
+    return DistributedDataParallel(model, device_ids=[index], find_unused_parameters=find_unused)
+
+
+def has_idle_parameters(model: nn.Module) -> bool:
+    """Whether a training step of ``model`` can leave some of its parameters out of the graph: a PRepBN uses
+    only one of its two branches at lambda = 1 and at lambda = 0."""
+    from vitbn.models.norms import PRepBN
+
+    return any(isinstance(m, PRepBN) for m in model.modules())
 
 
 def average_bn_buffers(model: nn.Module) -> int:
@@ -276,7 +294,9 @@ class RankLoader:
         index = index.to(inner.device)  # one transfer per epoch; batches are slices of it
         for i, kept in enumerate(self._kept):
             mine = index[i * size : i * size + kept * world][self.rank :: world]  # (kept,)
-            yield inner.normalize(inner.images.index_select(0, mine)), inner.labels.index_select(0, mine)
+            images, labels = inner.images.index_select(0, mine), inner.labels.index_select(0, mine)
+            # the inner loader's augmenter (seeded per rank by make_loaders) transforms this rank's share
+            yield inner.augmented(images, labels) if inner.augment is not None else (inner.normalize(images), labels)
 
 
 def eval_share(split: Any, rank: int, world_size: int) -> Any:

@@ -26,7 +26,7 @@ from vitbn.engine.checkpoint import (
     set_rng_state,
 )
 from vitbn.engine.compiled import Compiled
-from vitbn.engine.device import make_amp, resolve_device, seed_everything
+from vitbn.engine.device import make_amp, resolve_device, seed_everything, set_tf32
 from vitbn.engine.distributed import (
     DistInfo,
     any_rank,
@@ -130,6 +130,8 @@ class _Run:
         self.tracker, self.info = tracker, info
         self.device = info.device(resolve_device(tc.device))
         self.amp = make_amp(tc.precision, self.device)
+        if self.device.type == "cuda":
+            set_tf32(tc.tf32)
         if self.device.type == "cpu":  # threads by the machine's load now; freed activations kept (vitbn.runtime)
             self.threads_choice = configure_threads(tc.threads)[1]
             tune_cpu_allocator()
@@ -234,7 +236,13 @@ class _Run:
 
     def _loop(self, on_epoch: Callable[[dict], None] | None) -> str:
         for epoch in range(self.start_epoch + 1, self.config.train.epochs + 1):
+            compiling = self.net.first_call("train") or self.eval_net.first_call("evaluation")
             record = self._train_epoch(epoch)
+            if self.config.train.compile:
+                # The epoch whose times include torch.compile's first compilation (of training or evaluation): its
+                # time and throughput are not the steady state. Later recompilations (a new batch shape, PRepBN's
+                # phase) are not flagged.
+                record["time/includes_compile"] = float(compiling)
             if math.isnan(record["train/loss"]):
                 self._record(record, checkpoint=False)
                 return "diverged"

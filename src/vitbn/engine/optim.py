@@ -37,7 +37,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over ``param_groups``; the fused kernel where the device has one, else foreach."""
+    """Adam, AdamW or SGD over ``param_groups``; the fused kernel where the device has one (not for SGD with
+    momentum), else foreach."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adam":
         cls, kwargs = torch.optim.Adam, {"betas": cfg.betas}
@@ -47,6 +48,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         cls, kwargs = torch.optim.SGD, {"momentum": cfg.momentum}
     else:
         raise ValueError(f"optimizer={cfg.optimizer!r} is not one of 'adam', 'adamw', 'sgd'")
+    if cfg.optimizer == "sgd" and cfg.momentum:
+        # Fused SGD starts its momentum buffers for all parameters at the first step or for none: a parameter
+        # whose first gradient comes later (PRepBN's RepBN once the ramp begins) makes it raise a TypeError.
+        return cls(groups, lr=cfg.lr, foreach=True, **kwargs)
     try:
         return cls(groups, lr=cfg.lr, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype

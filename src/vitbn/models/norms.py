@@ -61,10 +61,15 @@ class TokenBatchNorm(nn.Module):
         bn = self.bn
         chunks = x2d.split(self.ghost_batch_size * rows_per_sample)
         outs, means, variances = [], [], []
+        # Statistics and normalization in fp32 (fp64 stays fp64) whatever the autocast dtype, rounded once at the
+        # end, as nn.BatchNorm does: a bf16 mean of data far from zero would shift every output by its rounding.
+        compute = torch.promote_types(x2d.dtype, torch.float32)
         for chunk in chunks:
+            chunk = chunk.to(compute)
             var, mean = torch.var_mean(chunk, dim=0, unbiased=False)
             out = (chunk - mean) * torch.rsqrt(var + bn.eps)  # the statistics stay in the graph, as in BN
-            outs.append(out * bn.weight + bn.bias if bn.affine else out)
+            out = out * bn.weight.to(compute) + bn.bias.to(compute) if bn.affine else out
+            outs.append(out.to(x2d.dtype))
             n = chunk.shape[0]
             means.append(mean)
             variances.append(var * n / max(n - 1, 1))  # running_var holds the unbiased estimate
