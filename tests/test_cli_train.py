@@ -117,7 +117,14 @@ def test_ctrl_c_leaves_a_killed_run_that_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "mlruns").is_dir()
 
 
-@pytest.mark.parametrize("flag", ["--lr", "--epochs"])
-def test_bad_flag_values_are_one_line(flag, capsys):
-    assert main(["train", flag, "0", "--no-track"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "0", "--lr: lr=0.0 must be > 0"),
+        ("--lr", "-1e-3", "--lr: lr=-0.001 must be > 0"),
+        ("--epochs", "0", "--epochs: epochs=0 must be a positive integer"),
+    ],
+)
+def test_bad_flag_values_are_one_line(flag, value, message, capsys):
+    assert main(["train", f"{flag}={value}", "--no-track"]) == 2
+    assert capsys.readouterr().err == f"vitbn train: error: {message}\n"  # the flag, the value and the rule
