@@ -20,6 +20,11 @@ UTILIZATION_PCT = 70.0
 BF16_SPEEDUP = 2.0
 FOLDED_VS_VIT = 1.0
 LOADER_PCT = 5.0
+# Checks of the measurements themselves, judged on the machine that ran the bench (speed claims have no place in
+# unit tests, where one sample on a shared machine decides): augmentation does work that slicing does not, and the
+# profiler gives a pure matrix product's time to the matmul category (the rest is its per-operator cost).
+AUGMENT_VS_PLAIN = 1.0
+MATMUL_SHARE_PCT = 95.0
 
 
 def _target(what: str, measured: float | None, goal: str, met: bool | None, detail: str = "") -> dict:
@@ -69,7 +74,34 @@ def target_rows(result: dict) -> list[dict]:
     if loads:
         rows.append(_target("loader share of a training epoch (largest)", max(loads), f"< {LOADER_PCT:.0f}%",
                             max(loads) < LOADER_PCT))  # fmt: skip
+    return rows + _measurement_checks(result)
+
+
+def _measurement_checks(result: dict) -> list[dict]:
+    """Rows for the checks of the measurements (``AUGMENT_VS_PLAIN``, ``MATMUL_SHARE_PCT``) where they ran."""
+    rows = []
+    loader = result.get("loader") or {}
+    augmented = loader.get("augmented")
+    if augmented and augmented.get("epoch_s") and loader.get("epoch_s"):
+        # per image: the two timed epochs may differ in length
+        ratio = (augmented["epoch_s"] / augmented["images"]) / (loader["epoch_s"] / loader["images"])
+        met = ratio > AUGMENT_VS_PLAIN
+        what = f"loader + {augmented['level']} augmentation / plain loader, per image"
+        detail = "" if met else "no dearer than slicing: timing noise"
+        rows.append(_target(what, ratio, f"> {AUGMENT_VS_PLAIN:g}x", met, detail))
+    share = result.get("profiler_check")
+    if share is not None:
+        rows.append(_target("matmul share of a profiled pure matmul (op shares check)", share,
+                            f"> {MATMUL_SHARE_PCT:.0f}%", share > MATMUL_SHARE_PCT))  # fmt: skip
     return rows
+
+
+def profiler_check(device: torch.device, iters: int = 3) -> float:
+    """The matmul share (``cases.op_shares``, percent) of a profiled pure (256, 64) x (64, 64) matrix product."""
+    from vitbn.bench.cases import op_shares
+
+    x, w = torch.randn(256, 64, device=device), torch.randn(64, 64, device=device)
+    return op_shares(lambda: x @ w, device, iters)["matmul"]
 
 
 def format_targets(rows: list[dict]) -> str:
