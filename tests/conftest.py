@@ -1,4 +1,10 @@
-"""Shared fixtures. Tests use the official MNIST files in ../shared/data (or $VITBN_DATA) and never the network."""
+"""Shared fixtures. Tests use the official MNIST files in ../shared/data (or $VITBN_DATA) and never the network.
+
+Hard waits (a torchrun job, a server's start, a checkpoint to appear) are bounds in seconds multiplied by
+$VITBN_TEST_TIME_FACTOR (default 1; tests/waits.py): raise it on a slow or loaded machine, e.g.
+``VITBN_TEST_TIME_FACTOR=3 make test``. Tests marked ``slow`` are left out of the default run (pyproject's
+addopts); ``pytest -m slow`` runs them.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,15 @@ if not os.environ.get("VITBN_DATA") and SHARED_DATA.is_dir():
     os.environ["VITBN_DATA"] = str(SHARED_DATA)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    from waits import time_factor
+
+    try:
+        time_factor()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")

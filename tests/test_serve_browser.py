@@ -12,6 +12,7 @@ from test_serve_app import off_centre_png
 from vitbn.serve import Predictor
 from vitbn.serve.launch import CHROMIUM_ARGS, chromium_path, running_server
 from vitbn.serve.preprocess import decode_image
+from waits import wait_s
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def server(demo_models):
     args = ["--threads", "1"]
     for path in demo_models["paths"]:
         args += ["--checkpoint", str(path)]
-    with running_server(args) as url:
+    with running_server(args, timeout=wait_s(60)) as url:
         yield url
 
 
@@ -36,7 +37,7 @@ def page(server):
             )
         page = browser.new_page(viewport={"width": 1200, "height": 800})
         page.goto(server)
-        page.wait_for_selector("body[data-ready='1']", timeout=20000)
+        page.wait_for_selector("body[data-ready='1']", timeout=wait_s(20) * 1000)  # ms
         yield page
         browser.close()
 
@@ -46,7 +47,7 @@ def _answers(page) -> int:
 
 
 def _wait_answer(page, before: int) -> None:
-    page.wait_for_function(f"Number(document.body.dataset.answers || 0) > {before}", timeout=20000)
+    page.wait_for_function(f"Number(document.body.dataset.answers || 0) > {before}", timeout=wait_s(20) * 1000)
 
 
 def test_a_drawn_7_is_named_7_in_every_panel(page, demo_models):
