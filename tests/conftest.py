@@ -28,15 +28,6 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    from waits import time_factor
-
-    try:
-        time_factor()
-    except ValueError as exc:
-        raise pytest.UsageError(str(exc)) from None
-
-
 @pytest.fixture(scope="session")
 def vs_script():
     """benchmarks/vs_vit_pytorch.py as a module (a script, not part of the package)."""
@@ -105,3 +96,12 @@ def demo_models(tmp_path_factory) -> dict:
     ]
     keep = np.flatnonzero(right)
     return {"paths": paths, "images": images[keep], "labels": labels[keep], "dir": out}
+
+
+def pytest_configure(config):
+    from waits import time_factor
+
+    try:
+        time_factor()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tolerance import reduction_tol
 from vitbn.config import DataConfig, RunConfig, flatten
 from vitbn.data import InMemoryLoader, prepare_data
 from vitbn.engine import evaluate, export_model, fit, load_model, seed_everything
@@ -16,6 +15,8 @@ from vitbn.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vitbn.errors import UserError
 from vitbn.models import build_model
 from vitbn.tracking import MemoryTracker
+
+from tolerance import reduction_tol
 
 TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
 DATA = dict(train_subset=200, test_subset=100, val_size=40)
