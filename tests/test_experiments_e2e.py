@@ -97,15 +97,8 @@ def test_tuning_interrupted_then_resumed(tmp_path, tiny_overrides):
     tiny = {k: v for k, v in tiny_overrides.items() if k != "depth"}
     # Learning rates from 1e-4 (nothing learned in one epoch) to 3e-2 (a third of the digits right): the trials reach
     # different accuracies, so the Gaussian process has a signal and its prediction, not a raw value, is the best.
-    hpo = {
-        "trials": 6,
-        "sobol_trials": 4,
-        "epochs": 1,
-        "lr_min": 1e-4,
-        "lr_max": 3e-2,
-        "batch_min": 20,
-        "batch_max": 60,
-    }
+    hpo = {"trials": 6, "sobol_trials": 4, "epochs": 1, "lr_min": 1e-4, "lr_max": 3e-2, "batch_min": 20,
+           "batch_max": 60}  # fmt: skip
     preset = tiny_preset(tmp_path, "tiny-tune", [ModelSpec("vitbn", 1, tiny)], data={"val_size": 100,
                          "train_subset": 1000}, train={"max_steps_per_epoch": None}, hpo=hpo)  # fmt: skip
     preset.final_epochs = 2
