@@ -1,4 +1,10 @@
-"""Shared fixtures. Tests use the official MNIST files in ../shared/data (or $VITBN_DATA) and never the network."""
+"""Shared fixtures. Tests use the official MNIST files in ../shared/data (or $VITBN_DATA) and never the network.
+
+Hard waits (a torchrun job, a server's start, a checkpoint to appear) are bounds in seconds multiplied by
+$VITBN_TEST_TIME_FACTOR (default 1; tests/waits.py): raise it on a slow or loaded machine, e.g.
+``VITBN_TEST_TIME_FACTOR=3 make test``. Tests marked ``slow`` are left out of the default run (pyproject's
+addopts); ``pytest -m slow`` runs them.
+"""
 
 from __future__ import annotations
 
@@ -112,3 +118,12 @@ def demo_models(tmp_path_factory) -> dict:
     ]
     keep = np.flatnonzero(right)
     return {"paths": paths, "images": images[keep], "labels": labels[keep], "dir": out}
+
+
+def pytest_configure(config):
+    from waits import time_factor
+
+    try:
+        time_factor()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tolerance import reduction_tol
 from vitbn.analysis.common import mean_loss
 from vitbn.analysis.landscape import directed_parameters, filter_normalized_direction, loss_slice
 from vitbn.config import ModelConfig
@@ -18,6 +22,23 @@ TINY = dict(image_size=8, patch_size=4, dim=8, depth=1, heads=2, dim_head=4, mlp
 def _tiny(preset: str, **overrides):
     torch.manual_seed(0)
     return build_model(ModelConfig.from_preset(preset, **{**TINY, **overrides}))
+
+
+def _reference_slice(model, batches, alphas, seed: int, *, train_bn: bool = False) -> tuple[list, list]:
+    """(losses, accuracies) at theta + alpha * d, recomputed on a copy of the model: its parameters moved along the
+    seeded direction, one cross-entropy over all images (BatchNorm in train mode: each batch's own statistics)."""
+    direction = filter_normalized_direction(model, seed=seed)
+    y = torch.cat([yb for _, yb in batches])
+    losses, accs = [], []
+    for alpha in alphas:
+        moved = copy.deepcopy(model).train(train_bn)
+        with torch.no_grad():
+            for name, p in moved.named_parameters():
+                p.add_(direction[name], alpha=alpha)
+            logits = torch.cat([moved(xb) for xb, _ in batches])
+        losses.append(F.cross_entropy(logits, y).item())
+        accs.append(int((logits.argmax(dim=1) == y).sum()) / len(y))
+    return losses, accs
 
 
 def _batches():
@@ -71,7 +92,9 @@ def test_slice_at_zero_is_the_plain_loss_and_weights_come_back_bit_exact(preset)
     assert all(torch.equal(after[k], v) for k, v in state.items())  # weights and running statistics
     plain = mean_loss(model.eval(), batches)
     assert result.loss[3] == plain[0] and result.acc[3] == plain[1]
-    assert len(set(result.loss)) == 7 and all(0.0 <= a <= 1.0 for a in result.acc)
+    losses, accs = _reference_slice(model, batches, result.alphas, seed=1)
+    torch.testing.assert_close(result.loss, losses, **reduction_tol(12))  # 12 images: summed in two batches
+    assert result.acc == accs and len(set(result.loss)) == 7
     assert loss_slice(model, batches, points=2, span=0.5, seed=1).alphas == [-0.5, 0.5]
 
 
@@ -80,6 +103,9 @@ def test_slice_in_train_bn_mode_keeps_running_statistics():
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     result = loss_slice(model, batches, points=3, bn_mode="train")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    losses, accs = _reference_slice(model, batches, result.alphas, seed=0, train_bn=True)
+    torch.testing.assert_close(result.loss, losses, **reduction_tol(12))
+    assert result.acc == accs
     assert result.loss[1] != mean_loss(model.eval(), batches)[0]  # batch statistics, not the running ones
     with pytest.raises(ValueError, match="points"):
         loss_slice(model, batches, points=1)

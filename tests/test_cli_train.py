@@ -15,6 +15,7 @@ import yaml
 
 from vitbn.cli import build_parser, main
 from vitbn.cli.train import config_from_args
+from waits import wait_s
 
 TINY = ["--depth", "1", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40", "--threads", "1",
         "--device", "cpu"]  # fmt: skip
@@ -91,11 +92,11 @@ def test_ctrl_c_leaves_a_killed_run_that_resumes(tmp_path, monkeypatch):
     out, err = (tmp_path / "out.txt").open("w"), (tmp_path / "err.txt").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "vitbn", *argv], stdout=out, stderr=err, cwd=tmp_path)
     checkpoint = tmp_path / "k" / "checkpoint.pt"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + wait_s(120)
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130, (tmp_path / "err.txt").read_text()
+    assert proc.wait(wait_s(60)) == 130, (tmp_path / "err.txt").read_text()
     out.close(), err.close()
     last = (tmp_path / "err.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(r"vitbn train: interrupted after \d+ complete epoch\(s\); resume with: vitbn train .*", last)
@@ -117,7 +118,14 @@ def test_ctrl_c_leaves_a_killed_run_that_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "mlruns").is_dir()
 
 
-@pytest.mark.parametrize("flag", ["--lr", "--epochs"])
-def test_bad_flag_values_are_one_line(flag, capsys):
-    assert main(["train", flag, "0", "--no-track"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "0", "--lr: lr=0.0 must be > 0"),
+        ("--lr", "-1e-3", "--lr: lr=-0.001 must be > 0"),
+        ("--epochs", "0", "--epochs: epochs=0 must be a positive integer"),
+    ],
+)
+def test_bad_flag_values_are_one_line(flag, value, message, capsys):
+    assert main(["train", f"{flag}={value}", "--no-track"]) == 2
+    assert capsys.readouterr().err == f"vitbn train: error: {message}\n"  # the flag, the value and the rule

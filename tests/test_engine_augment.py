@@ -26,19 +26,48 @@ def data():
     return prepare_data(DataConfig(**DATA))
 
 
+class _Invert:
+    """A stand-in augmentation with a known result (1 - x, soft targets 0.91 / 0.01) that records what it got."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __call__(self, x01: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append((x01.clone(), labels.clone()))
+        return 1.0 - x01, 0.9 * F.one_hot(labels, 10).float() + 0.01
+
+
 def test_the_loader_augments_in_unit_scale_then_normalizes(data):
-    cfg = AugmentConfig.from_level("medium")
+    invert = _Invert()
     loader = InMemoryLoader(data.train, batch_size=32, mean=data.info.mean, std=data.info.std, shuffle=True, seed=1,
-                            augment=Augmenter(cfg, num_classes=10, seed=7))  # fmt: skip
+                            augment=invert)  # fmt: skip
     loader.set_epoch(2)
     x, targets = next(iter(loader))
-    reference = Augmenter(cfg, num_classes=10, seed=7)
-    reference.set_epoch(2)
     index = loader.order()[:32]
-    x01, expected_targets = reference(data.train.images[index].float() / 255.0, data.train.labels[index])
+    images, labels = data.train.images[index].float(), data.train.labels[index]
+    assert invert.epochs == [2]
+    (seen_x, seen_labels), *_ = invert.calls
+    torch.testing.assert_close(seen_x, images / 255.0)  # the augmentation sees [0, 1] images and the labels
+    assert torch.equal(seen_labels, labels)
     mean, std = data.info.mean[0], data.info.std[0]
-    torch.testing.assert_close(x, (x01 - mean) / std)
-    torch.testing.assert_close(targets, expected_targets)
+    torch.testing.assert_close(x, (1.0 - images / 255.0 - mean) / std)  # then the loader normalizes its output
+    torch.testing.assert_close(targets, 0.9 * F.one_hot(labels, 10).float() + 0.01)
+
+
+def test_the_augmenter_in_the_loader_is_seeded_and_changes_the_batch(data):
+    def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        augment = Augmenter(AugmentConfig.from_level("medium"), num_classes=10, seed=seed)
+        loader = InMemoryLoader(data.train, batch_size=32, mean=data.info.mean, std=data.info.std, shuffle=True,
+                                seed=1, augment=augment)  # fmt: skip
+        loader.set_epoch(2)
+        return next(iter(loader))
+
+    (x, targets), (again, _), (other, _) = batch(7), batch(7), batch(8)
+    assert torch.equal(x, again) and not torch.allclose(x, other)
     assert targets.shape == (32, 10) and torch.allclose(targets.sum(1), torch.ones(32))
     plain = InMemoryLoader(data.train, batch_size=32, mean=data.info.mean, std=data.info.std, shuffle=True, seed=1)
     plain.set_epoch(2)

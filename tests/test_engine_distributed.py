@@ -25,6 +25,7 @@ from vitbn.engine.distributed import TORCHRUN_VARS, DistInfo, RankLoader, eval_s
 from vitbn.engine.history import read_history
 from vitbn.engine.setup import check_sync_bn, make_loaders
 from vitbn.errors import UserError
+from waits import wait_s
 
 # SGD: with Adam, a bias whose gradient is rounding noise (one before a BatchNorm) moves by +-lr either way,
 # so two summation orders of the same gradient give visibly different parameters.
@@ -135,7 +136,7 @@ def _torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
            *args]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=wait_s(120))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -214,7 +215,9 @@ def test_a_rank_leaves_without_finalizing_the_interpreter_while_gloo_threads_liv
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                OMP_NUM_THREADS="1")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _TEARDOWN], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TEARDOWN], env=env, capture_output=True, text=True, timeout=wait_s(120)
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     base, after = map(int, proc.stdout.split("threads")[1].split())
     assert after > base  # the backend's threads outlived destroy_process_group

@@ -3,6 +3,7 @@ statistics on the new data, the cost of a step, and the one-line refusals."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -70,6 +71,36 @@ def test_a_linear_ramp_stays_a_ramp_and_the_cls_row_is_kept(has_cls):
     torch.testing.assert_close(g[1:] - g[:-1], (g[1:] - g[:-1])[:, :1].expand(-1, nw, -1), rtol=0, atol=1e-5)
     # point-symmetric about the grid's centre, so the centre value (the mean of the ramp) is kept
     torch.testing.assert_close(g + g.flip(0, 1), (2 * ramp.mean(0)).expand_as(g), rtol=0, atol=1e-5)
+
+
+def _cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D cubic convolution (Keys, a = -0.75 as PyTorch and OpenCV), half-pixel centres
+    (align_corners=False), edge samples repeated past the border."""
+
+    def kernel(t: float) -> float:
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        x = (o + 0.5) * n_in / n_out - 0.5
+        i0 = math.floor(x)
+        for i in range(i0 - 1, i0 + 3):
+            m[o, min(max(i, 0), n_in - 1)] += kernel(x - i)
+    return m
+
+
+def test_upsampling_is_bicubic_not_bilinear():
+    h, w, nh, nw, d = 4, 5, 9, 12, 3
+    pos = torch.randn(1 + h * w, d, dtype=torch.float64)
+    out = resample_pos_embedding(pos, (h, w), (nh, nw), has_cls=True)
+    grid = pos[1:].reshape(h, w, d)
+    expected = torch.einsum("oh,hwd,pw->opd", _cubic_matrix(h, nh), grid, _cubic_matrix(w, nw))  # separable
+    torch.testing.assert_close(out[1:].reshape(nh, nw, d), expected, rtol=1e-5, atol=1e-5)  # computed in float32
+    bilinear = torch.nn.functional.interpolate(grid.permute(2, 0, 1)[None], size=(nh, nw), mode="bilinear")
+    assert (out[1:].reshape(nh, nw, d) - bilinear[0].permute(1, 2, 0)).abs().max() > 0.05  # tells the two apart
 
 
 # --- the channel rule -------------------------------------------------------------------------------------------
@@ -269,15 +300,50 @@ def _bn_buffers(model) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in model.state_dict().items() if "running_" in k}
 
 
+def _population_stats(model, data, train: TrainConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every token BatchNorm's input over the fine-tuning data's training batches (the batches the engine draws
+    for precise BN, the model in training mode: earlier BatchNorms on batch statistics), all rows together:
+    {module name: (mean, unbiased variance)} in float64, computed directly from the concatenated rows."""
+    import copy
+
+    from vitbn.data import InMemoryLoader
+    from vitbn.models.norms import TokenBatchNorm
+
+    model = copy.deepcopy(model).train()
+    rows: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TokenBatchNorm):
+
+            def keep(module, args, name=name):
+                rows.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))  # (B, N, D) -> (B*N, D)
+
+            module.register_forward_pre_hook(keep)
+    loader = InMemoryLoader(data.train, batch_size=train.batch_size, shuffle=True, seed=train.seed + 1,
+                            max_batches=train.precise_bn_batches, mean=data.info.mean, std=data.info.std)  # fmt: skip
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    out = {}
+    for name, parts in rows.items():
+        x = torch.cat(parts).double()  # (all images * tokens, D)
+        out[name] = (x.mean(0), x.var(0, unbiased=True))
+    return out
+
+
 def test_bn_statistics_are_re_estimated_on_the_new_data_before_the_first_step(tmp_path):
     path = base_file(tmp_path / "bn.pt", "vitbn")
     base = _bn_buffers(load_model(path))
     config = run_config(tmp_path)
     fresh = prepare_finetune(path, config, part="attn", precise_bn=True)
+    population = _population_stats(fresh.model, fresh.data, config.train)
+    assert len(population) == 5  # vitbn at depth 1: the embedding's two, attention, feed-forward, inner
     after = _bn_buffers(fresh.model)
-    changed = [k for k in after if after[k].shape == base[k].shape and not torch.equal(after[k], base[k])]
-    assert "transformer.layers.0.ff.inner_norm.bn.running_mean" in changed
-    assert any("BatchNorm statistics re-estimated on" in n for n in fresh.notes)
+    assert len(after) == 2 * len(population)  # every BatchNorm's mean and variance checked
+    for name, (mean, var) in population.items():
+        torch.testing.assert_close(after[f"{name}.bn.running_mean"], mean.float(), msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(after[f"{name}.bn.running_var"], var.float(), msg=lambda m, n=name: f"{n}: {m}")
+        assert not torch.allclose(after[f"{name}.bn.running_mean"], base[f"{name}.bn.running_mean"])
+    assert "BatchNorm statistics re-estimated on 5 batch(es) of digits" in fresh.notes  # 250 images / 50
     kept = _bn_buffers(prepare_finetune(path, config, part="attn", precise_bn=False).model)
     assert all(torch.equal(kept[k], base[k]) for k in kept if kept[k].shape == base[k].shape)
 

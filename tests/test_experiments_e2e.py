@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vitbn.cli import main
-from vitbn.experiments.hpo import run_tuning
+from vitbn.experiments.hpo import OBJECTIVE, ax_client_class, fit_model, run_tuning
 from vitbn.experiments.lr_sweep import run_lr_sweep
 from vitbn.experiments.presets import ExperimentPreset, ModelSpec, write_preset_yaml
 from vitbn.experiments.runs import child_runs, mlflow_client
@@ -95,36 +95,52 @@ def test_lr_sweep_runs_resumes_and_reports(tmp_path, tiny_overrides):
 
 def test_tuning_interrupted_then_resumed(tmp_path, tiny_overrides):
     tiny = {k: v for k, v in tiny_overrides.items() if k != "depth"}
-    preset = tiny_preset(tmp_path, "tiny-tune", [ModelSpec("vitbn", 1, tiny)],
-                         data={"val_size": 100}, hpo={"trials": 3, "sobol_trials": 2, "epochs": 1})  # fmt: skip
+    # Learning rates from 1e-4 (nothing learned in one epoch) to 3e-2 (a third of the digits right): the trials reach
+    # different accuracies, so the Gaussian process has a signal and its prediction, not a raw value, is the best.
+    hpo = {"trials": 6, "sobol_trials": 4, "epochs": 1, "lr_min": 1e-4, "lr_max": 3e-2, "batch_min": 20,
+           "batch_max": 60}  # fmt: skip
+    preset = tiny_preset(tmp_path, "tiny-tune", [ModelSpec("vitbn", 1, tiny)], data={"val_size": 100,
+                         "train_subset": 1000}, train={"max_steps_per_epoch": None}, hpo=hpo)  # fmt: skip
     preset.final_epochs = 2
-    first = run_tuning(preset, trials=2, final=False, progress="none")  # stops after 2 trials
+    first = run_tuning(preset, trials=3, final=False, progress="none")  # stops after 3 trials
     client = mlflow_client(preset.run["track"]["tracking_uri"])
-    assert len(children(client, first.parent_id)) == 2
+    assert len(children(client, first.parent_id)) == 3
 
-    second = run_tuning(preset, progress="none")  # hpo.trials = 3: one more trial, then the final run
+    second = run_tuning(preset, progress="none")  # hpo.trials = 6: three more trials, then the final run
     assert second.parent_id == first.parent_id
     runs = children(client, first.parent_id)
     trials = sorted(int(r.data.tags["vitbn.trial"]) for r in runs if r.data.tags["vitbn.phase"] == "trial")
-    assert trials == [0, 1, 2]
-    state = json.loads((tmp_path / "runs" / f"tune-tiny-tune-{preset.shared_hash()}" / "ax_vitbn-d1.json").read_text())
-    ax_trials = state["experiment"]["trials"]
-    assert len(ax_trials) == 3
-    assert ax_trials["2"]["generator_run"]["generation_node_name"] == "MBM"
-    assert ax_trials["2"]["generator_run"]["generator_key"] == "BoTorch"
+    assert trials == list(range(6))
+    state_path = tmp_path / "runs" / f"tune-tiny-tune-{preset.shared_hash()}" / "ax_vitbn-d1.json"
+    ax_trials = json.loads(state_path.read_text())["experiment"]["trials"]
+    assert len(ax_trials) == 6
+    assert ax_trials["5"]["generator_run"]["generation_node_name"] == "MBM"
+    assert ax_trials["5"]["generator_run"]["generator_key"] == "BoTorch"
     (final,) = [r for r in runs if r.data.tags["vitbn.phase"] == "final"]
     best_params, best_acc, best_trial = second.best["vitbn-d1"]
     assert float(final.data.tags["vitbn.lr"]) == best_params["lr"]
     assert final.data.params["train.batch_size"] == str(best_params["batch_size"])
     assert final.data.params["train.epochs"] == "2"
     trial_runs = {int(r.data.tags["vitbn.trial"]): r for r in runs if r.data.tags["vitbn.phase"] == "trial"}
-    assert best_acc == max(r.data.metrics["val/acc"] for r in trial_runs.values())
-    assert trial_runs[best_trial].data.metrics["val/acc"] == best_acc
+    observed = {i: r.data.metrics["val/acc"] for i, r in trial_runs.items()}
+    assert len(set(observed.values())) >= 3, observed  # an objective that varies, or the model has nothing to fit
+
+    # The model's view, from the saved state: fitted on all six trials, it predicts each evaluated arm; the best is
+    # the arm it predicts highest, with that prediction (not the arm's observed accuracy) as its value.
+    ax = ax_client_class().load_from_json_file(str(state_path))
+    fit_model(ax)
+    arms = {i: {"lr": float(r.data.tags["vitbn.lr"]), "batch_size": int(r.data.params["train.batch_size"])}
+            for i, r in trial_runs.items()}  # fmt: skip
+    predicted = {i: p[OBJECTIVE][0] for i, p in zip(arms, ax.predict(list(arms.values())))}
+    assert best_trial == max(predicted, key=predicted.get), (predicted, best_trial)
+    assert best_params == arms[best_trial]
+    assert best_acc == pytest.approx(predicted[best_trial], rel=1e-6)
+    assert best_acc != observed[best_trial]  # a prediction, not the raw fallback Ax takes when the fit is poor
     assert {a.path for a in client.list_artifacts(first.parent_id, "ax")} == {"ax/ax_vitbn-d1.json"}
 
     report = build_report("tiny-tune", tmp_path / "report", tracking_uri=preset.run["track"]["tracking_uri"])
     md = report.markdown.read_text()
-    chosen = f"| vitbn-d1 | 3 | 0 | {best_trial} | {best_params['lr']:.3g} | {best_params['batch_size']} | "
+    chosen = f"| vitbn-d1 | 6 | 0 | {best_trial} | {best_params['lr']:.3g} | {best_params['batch_size']} | "
     assert "## Tuning" in md and chosen + f"{best_acc * 100:.2f}% |" in md  # the model's pick, from the parent's tag
     objective = {i: client.get_metric_history(r.info.run_id, "hpo/objective")[-1].value for i, r in trial_runs.items()}
     assert objective == {i: r.data.metrics["val/acc"] for i, r in trial_runs.items()}  # 1 epoch: its val acc

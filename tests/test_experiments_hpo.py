@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,7 @@ from vitbn.experiments.hpo import (
     trial_table,
 )
 from vitbn.experiments.runner import ChildResult
+from vitbn.experiments.runs import mlflow_client
 
 OBJECTIVE = "val_acc"
 
@@ -90,38 +92,40 @@ def test_diverged_trials_are_marked_failed_not_observed_as_zero(tmp_path):
 
 
 def test_best_is_the_model_prediction_among_evaluated_arms(tmp_path):
-    hpo = HPOConfig(trials=8, sobol_trials=4, seed=0)
+    # 7 trials: the model fitted on all of them ranks the arms as observed, so Ax keeps its predictions (with a poor
+    # leave-one-out fit it falls back on the raw best, which this test would catch).
+    hpo = HPOConfig(trials=7, sobol_trials=4, seed=0)
     recorder = Recorder()
-    client = optimize(tmp_path / "ax.json", factory(hpo), recorder, trials=8)
+    client = optimize(tmp_path / "ax.json", factory(hpo), recorder, trials=7)
     params, value, index = best_parameters(client)
-    assert params in [p for _, p in recorder.calls] and recorder.calls[index][1] == params
-    ((predicted, _sem),) = [client.predict([params])[0][OBJECTIVE]]
-    assert value == pytest.approx(predicted, rel=1e-9)
-    observed = fake_accuracy(params)
-    assert value != observed  # a prediction, not the raw observation
+    assert recorder.calls[index][1] == params
+    predicted = [p[OBJECTIVE][0] for p in client.predict([p for _, p in recorder.calls])]
+    assert index == max(range(len(predicted)), key=predicted.__getitem__)  # the model's pick among evaluated arms
+    assert value == pytest.approx(predicted[index], rel=1e-9)
+    assert value != fake_accuracy(params)  # a prediction, not the raw observation
+
+    # A process that resumes the finished tuning (no trial left to run, no model fitted yet) picks the same arm.
+    again = optimize(tmp_path / "ax.json", factory(hpo), Recorder(), trials=7)
+    params_again, value_again, index_again = best_parameters(again)
+    assert (params_again, index_again) == (params, index) and value_again == pytest.approx(value, rel=1e-9)
 
 
-class _Metric:
-    def __init__(self, step, value, timestamp=0):
-        self.step, self.value, self.timestamp = step, value, timestamp
-
-
-def test_objective_is_the_mean_of_the_last_epochs():
-    history = [_Metric(1, 0.5), _Metric(2, 0.8), _Metric(3, 0.6, 1), _Metric(3, 0.9, 2), _Metric(4, 0.7)]
-
-    class Client:
-        def get_metric_history(self, run_id, key):
-            assert (run_id, key) == ("r1", "val/acc")
-            return history
-
-    class Exp:
-        client = Client()
-
-    result = ChildResult(("x",), "finished", "r1", {"val/acc": 0.7}, "new")
-    assert last_epochs_mean(Exp(), result, 3) == pytest.approx((0.8 + 0.9 + 0.7) / 3)  # epoch 3's last value
-    assert last_epochs_mean(Exp(), result, 10) == pytest.approx((0.5 + 0.8 + 0.9 + 0.7) / 4)
-    history.clear()
-    assert math.isnan(last_epochs_mean(Exp(), result, 3))
+def test_objective_is_the_mean_of_the_last_epochs(tmp_path):
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlruns.db")
+    exp_id = client.create_experiment("hpo", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id, empty_id = (client.create_run(exp_id).info.run_id for _ in range(2))
+    # (epoch, val/acc, timestamp in ms): epoch 3 logged twice, its later value (a resumed epoch) is what counts; the
+    # points are logged out of order so that the store's order cannot stand in for the sort.
+    points = [(4, 0.7, 5000), (3, 0.9, 4000), (1, 0.5, 1000), (3, 0.6, 3000), (2, 0.8, 2000)]
+    for step, value, timestamp in points:
+        client.log_metric(run_id, "val/acc", value, timestamp=timestamp, step=step)
+    exp = SimpleNamespace(client=client)
+    result = ChildResult(("x",), "finished", run_id, {"val/acc": 0.7}, "new")
+    assert last_epochs_mean(exp, result, 1) == pytest.approx(0.7)
+    assert last_epochs_mean(exp, result, 3) == pytest.approx((0.8 + 0.9 + 0.7) / 3)  # epoch 3's last value
+    assert last_epochs_mean(exp, result, 10) == pytest.approx((0.5 + 0.8 + 0.9 + 0.7) / 4)
+    assert math.isnan(last_epochs_mean(exp, ChildResult(("x",), "diverged", empty_id, {}, "new"), 3))
+    assert last_epochs_mean(exp, ChildResult(("x",), "finished", None, {"val/acc": 0.25}, "new"), 3) == 0.25
     with pytest.raises(ValueError, match="objective_epochs"):
         HPOConfig(objective_epochs=0)
 

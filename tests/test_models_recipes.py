@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -218,6 +219,74 @@ def test_conv_stem_mixes_neighbouring_patches():
     with torch.no_grad():
         changed = ((stem(x) - stem(y)).abs().amax(dim=(0, 2)) > 1e-6).nonzero().flatten().tolist()
     assert 15 in changed and len(changed) > 1
+
+
+def _windows(x: torch.Tensor, k: int, stride: int, pad: int = 0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, h, w, C*k*k): the k x k window under every output position, in a conv weight's
+    (C, kh, kw) order, by indexing (no convolution)."""
+    x = F.pad(x, (pad, pad, pad, pad))
+    return x.unfold(2, k, stride).unfold(3, k, stride).permute(0, 2, 3, 1, 4, 5).flatten(3)
+
+
+def _affine(windows: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    out = windows @ conv.weight.flatten(1).T  # (B, h, w, C*k*k) @ (C*k*k, C_out)
+    return out if conv.bias is None else out + conv.bias
+
+
+def _norm(y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """A stem norm on channels-last (B, h, w, C): BatchNorm in eval mode from its running statistics, else a
+    LayerNorm over the channels of each position."""
+    if isinstance(norm, nn.BatchNorm2d):
+        return (y - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+    mean, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+    return (y - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _cf(y: torch.Tensor) -> torch.Tensor:
+    return y.permute(0, 3, 1, 2)  # channels-last -> (B, C, h, w)
+
+
+def _stem_parts(stem: nn.Module, norm_type: type) -> tuple[list, list]:
+    convs = [m for m in stem.proj if isinstance(m, nn.Conv2d)]
+    return convs, [m for m in stem.proj if isinstance(m, norm_type)]
+
+
+def _bn_eval_stats(model: nn.Module) -> nn.Module:
+    """Running statistics away from 0/1, so that eval-mode BatchNorm is a real affine map."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize(("variant", "norm_type"), [("vit", nn.LayerNorm), ("vitbn", nn.BatchNorm2d)])
+def test_hmlp_stem_is_its_two_linear_stages(variant, norm_type):
+    model = _bn_eval_stats(_perturb(create_model(variant, **TINY, depth=1, stem="hmlp", patch_size=4))).eval()
+    stem = model.to_patch_embedding
+    (c1, c2), (n1, n2) = _stem_parts(stem, norm_type)
+    x = torch.randn(3, 1, 28, 28)
+    # patch 4 = 2x2 sub-patches of 2x2 pixels: linear (1*4 -> D/4), norm, GELU; then 2x2 of those: linear (-> D), norm
+    h = F.gelu(_norm(_affine(_windows(x, 2, 2), c1), n1))  # (3, 14, 14, 4)
+    h = _norm(_affine(_windows(_cf(h), 2, 2), c2), n2)  # (3, 7, 7, 16)
+    with torch.no_grad():
+        assert_close(stem(x), h.flatten(1, 2))  # row-major tokens, as the linear stem's
+
+
+@pytest.mark.parametrize(("variant", "norm_type"), [("vit", nn.LayerNorm), ("vitbn", nn.BatchNorm2d)])
+def test_conv_stem_is_its_strided_3x3_stages(variant, norm_type):
+    model = _bn_eval_stats(_perturb(create_model(variant, **TINY, depth=1, stem="conv", patch_size=4))).eval()
+    stem = model.to_patch_embedding
+    (c1, c2, c3), (n1, n2) = _stem_parts(stem, norm_type)
+    assert (c1.bias is None, c3.kernel_size) == (variant == "vitbn", (1, 1))  # BN makes the 3x3 convs' bias moot
+    x = torch.randn(3, 1, 28, 28)
+    # patch 4 = two 3x3 stride-2 convs (padding 1; widths D/4, D/2), each + norm + ReLU, then a 1x1 to D
+    h = F.relu(_norm(_affine(_windows(x, 3, 2, pad=1), c1), n1))  # (3, 14, 14, 4)
+    h = F.relu(_norm(_affine(_windows(_cf(h), 3, 2, pad=1), c2), n2))  # (3, 7, 7, 8)
+    h = _affine(_windows(_cf(h), 1, 1), c3)  # (3, 7, 7, 16)
+    with torch.no_grad():
+        assert_close(stem(x), h.flatten(1, 2))
 
 
 def test_hmlp_flops_analytic_equal_counted():

@@ -4,10 +4,15 @@ Fails, never skips, when the browser cannot start: CI installs Chromium (`make b
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from test_serve_app import off_centre_png
+from vitbn.serve import Predictor
 from vitbn.serve.launch import CHROMIUM_ARGS, chromium_path, running_server
+from vitbn.serve.preprocess import decode_image
+from waits import wait_s
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +20,7 @@ def server(demo_models):
     args = ["--threads", "1"]
     for path in demo_models["paths"]:
         args += ["--checkpoint", str(path)]
-    with running_server(args) as url:
+    with running_server(args, timeout=wait_s(60)) as url:
         yield url
 
 
@@ -32,7 +37,7 @@ def page(server):
             )
         page = browser.new_page(viewport={"width": 1200, "height": 800})
         page.goto(server)
-        page.wait_for_selector("body[data-ready='1']", timeout=20000)
+        page.wait_for_selector("body[data-ready='1']", timeout=wait_s(20) * 1000)  # ms
         yield page
         browser.close()
 
@@ -42,10 +47,10 @@ def _answers(page) -> int:
 
 
 def _wait_answer(page, before: int) -> None:
-    page.wait_for_function(f"Number(document.body.dataset.answers || 0) > {before}", timeout=20000)
+    page.wait_for_function(f"Number(document.body.dataset.answers || 0) > {before}", timeout=wait_s(20) * 1000)
 
 
-def test_drawing_a_stroke_fills_every_panel(page, demo_models):
+def test_a_drawn_7_is_named_7_in_every_panel(page, demo_models):
     panels = page.locator(".model-panel")
     assert panels.count() == len(demo_models["paths"])
     box = page.locator("#pad").bounding_box()
@@ -59,9 +64,16 @@ def test_drawing_a_stroke_fills_every_panel(page, demo_models):
     page.mouse.up()
     page.click("#predict")
     _wait_answer(page, before)
+    # The reference: the pad's own PNG through the same preprocessing and models in this process.
+    png = base64.b64decode(page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",", 1)[1])
+    image = decode_image(png)
+    expected = [p.predict([p.prepare(image)], top_k=3)[0] for p in (Predictor.load(m) for m in demo_models["paths"])]
     for i in range(panels.count()):
         panel = panels.nth(i)
-        assert panel.locator(".row").count() == 3
+        rows = panel.locator(".row").evaluate_all("rows => rows.map(r => [r.dataset.class, Number(r.dataset.prob)])")
+        assert [c for c, _ in rows] == [c for _, c, _ in expected[i].top]
+        assert [p for _, p in rows] == pytest.approx([p for _, _, p in expected[i].top], abs=1e-5)
+        assert panel.get_attribute("data-top1") == "7"  # both demo models name the drawn 7 (p > 0.9 for each)
         total = float(panel.get_attribute("data-prob-sum"))
         assert abs(total - 1.0) < 1e-4, total
         shown = [float(p) for p in panel.locator(".row").evaluate_all("rows => rows.map(r => r.dataset.prob)")]

@@ -21,6 +21,7 @@ from vitbn.data import prepare_data
 from vitbn.engine import fit, load_model
 from vitbn.errors import UserError
 from vitbn.tracking import DEFAULT_TRACKING_URI, MemoryTracker, MLflowTracker, make_tracker
+from waits import wait_s
 
 TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
 DATA = dict(train_subset=120, test_subset=60)
@@ -60,9 +61,9 @@ def _server_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlflow_server(_server_process) -> str:
-    """The server's URI once ``/health`` answers (up to 60 s)."""
+    """The server's URI once ``/health`` answers (up to 60 s times $VITBN_TEST_TIME_FACTOR)."""
     proc, uri, log = _server_process
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + wait_s(60)
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:

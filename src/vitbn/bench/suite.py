@@ -14,7 +14,7 @@ import torch
 from vitbn.bench import cases as C
 from vitbn.bench.roofline import bandwidth_case, bytes_moved, roofline
 from vitbn.bench.system import environment, native_bf16, tune_cpu_allocator
-from vitbn.bench.targets import against_reference, profile_training
+from vitbn.bench.targets import against_reference, profile_training, profiler_check
 from vitbn.bench.timing import Case, interleave, matmul_case, paired_ratio, summarize, warm_up
 from vitbn.config import PRECISIONS
 from vitbn.engine.device import resolve_device, set_tf32
@@ -386,6 +386,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _msg: N
         "rows": rows,
         "comparisons": comparisons(measured, extras, bf16_target) + against_reference(measured, references),
         "profile": profile,
+        "profiler_check": profiler_check(device, options.profile_iters) if options.profile_norms else None,
         "recipes": recipes,
         "norms": norms,
         "export": export,

@@ -22,6 +22,11 @@ ROOFLINE_PCT = 70.0  # of the roofline bound, for a step that memory traffic bou
 BF16_SPEEDUP = 2.0  # the bench sets 3.0 on CPUs with bf16 matrix units (``suite.run_bench``)
 FOLDED_VS_VIT = 1.0
 LOADER_PCT = 5.0
+# Checks of the measurements themselves, judged on the machine that ran the bench (speed claims have no place in
+# unit tests, where one sample on a shared machine decides): augmentation does work that slicing does not, and the
+# profiler gives a pure matrix product's time to the matmul category (the rest is its per-operator cost).
+AUGMENT_VS_PLAIN = 1.0
+MATMUL_SHARE_PCT = 95.0
 
 
 def _target(what: str, measured: float | None, goal: str, met: bool | None, detail: str = "") -> dict:
@@ -69,7 +74,7 @@ def target_rows(result: dict) -> list[dict]:
     if loads:
         rows.append(_target("loader share of a training epoch (largest)", max(loads), f"< {LOADER_PCT:.0f}%",
                             max(loads) < LOADER_PCT))  # fmt: skip
-    return rows
+    return rows + _measurement_checks(result)
 
 
 def _utilization(row: dict) -> dict:
@@ -140,3 +145,30 @@ def profile_training(measured: dict, device: torch.device, iters: int, k: int, l
     spec = next((s for s in train if (s.model, s.depth, s.precision) == ("vit", 6, "fp32")), train[0])
     log(f"profiling {spec.name}")
     return {"case": spec.name, "ops": top_ops(measured[spec].run, device, iters, k)}
+
+
+def _measurement_checks(result: dict) -> list[dict]:
+    """Rows for the checks of the measurements (``AUGMENT_VS_PLAIN``, ``MATMUL_SHARE_PCT``) where they ran."""
+    rows = []
+    loader = result.get("loader") or {}
+    augmented = loader.get("augmented")
+    if augmented and augmented.get("epoch_s") and loader.get("epoch_s"):
+        # per image: the two timed epochs may differ in length
+        ratio = (augmented["epoch_s"] / augmented["images"]) / (loader["epoch_s"] / loader["images"])
+        met = ratio > AUGMENT_VS_PLAIN
+        what = f"loader + {augmented['level']} augmentation / plain loader, per image"
+        detail = "" if met else "no dearer than slicing: timing noise"
+        rows.append(_target(what, ratio, f"> {AUGMENT_VS_PLAIN:g}x", met, detail))
+    share = result.get("profiler_check")
+    if share is not None:
+        rows.append(_target("matmul share of a profiled pure matmul (op shares check)", share,
+                            f"> {MATMUL_SHARE_PCT:.0f}%", share > MATMUL_SHARE_PCT))  # fmt: skip
+    return rows
+
+
+def profiler_check(device: torch.device, iters: int = 3) -> float:
+    """The matmul share (``cases.op_shares``, percent) of a profiled pure (256, 64) x (64, 64) matrix product."""
+    from vitbn.bench.cases import op_shares
+
+    x, w = torch.randn(256, 64, device=device), torch.randn(64, 64, device=device)
+    return op_shares(lambda: x @ w, device, iters)["matmul"]

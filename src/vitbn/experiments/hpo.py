@@ -9,8 +9,9 @@ running is run again under its own index and parameters, and new trials are aske
 The objective is the validation accuracy averaged over the last ``HPOConfig.objective_epochs`` epochs of a trial
 (one last-epoch accuracy is noisy). A diverged trial is *marked failed* to Ax: a made-up 0 would be an observation
 far outside the others and would bend the Gaussian process around it; the trial counts against the budget like any
-other. The best parameters are those the BoTorch model predicts best among the evaluated arms (the raw best
-observation once there is no model yet, as during Sobol), not the raw maximum of a noisy objective.
+other. The best parameters are those the BoTorch model, fitted on every completed trial, predicts best among the
+evaluated arms (the raw best observation when there is no model yet, as during Sobol), not the raw maximum of a
+noisy objective.
 """
 
 from __future__ import annotations
@@ -148,9 +149,24 @@ def optimize(
     return client
 
 
+def fit_model(client) -> None:
+    """Fits the generation strategy's current model on every observation so far.
+
+    Ax predicts with the model it fitted to generate the latest trial: that model has not seen the latest trial's
+    result, and a process that resumed a finished tuning has no model at all. ``Client`` has no public refit, so this
+    goes through its generation strategy's public ``fit``. Nothing is fitted before a trial has completed.
+    """
+    if not any(row.get("trial_status") == "COMPLETED" for row in trial_table(client)):
+        return
+    strategy = client._generation_strategy
+    strategy.fit(experiment=client._experiment)
+
+
 def best_parameters(client) -> tuple[dict, float, int]:
-    """(parameters, val_acc, trial index) of the evaluated arm that the model predicts best, with the predicted
-    val_acc (Ax falls back to the best raw observation when no model has been fitted, e.g. during Sobol)."""
+    """(parameters, val_acc, trial index) of the evaluated arm that the model, fitted on every trial, predicts best,
+    with the predicted val_acc (Ax falls back to the best raw observation when there is no model yet, as during
+    Sobol, or when the model fits its observations poorly)."""
+    fit_model(client)
     params, outcome, index, _ = client.get_best_parameterization(use_model_predictions=True)
     value = outcome[OBJECTIVE]
     return dict(params), float(value[0] if isinstance(value, tuple) else value), int(index)
