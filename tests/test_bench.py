@@ -230,13 +230,13 @@ def test_op_shares_split_operator_time_by_category(monkeypatch):
                                       "aten::cat", "aten::_fused_adam_", "aten::gelu", "aten::foo")] == [
         "matmul", "norm", "softmax", "copy", "optimizer", "elementwise", "other"]  # fmt: skip
     # the arithmetic, on given self times (microseconds): per category over the total
-    times = [
-        ("aten::addmm", 60.0, 2),
-        ("aten::mm", 15.0, 1),
-        ("aten::native_layer_norm", 20.0, 1),
-        ("aten::foo", 5.0, 1),
+    rows = [
+        ("aten::addmm", 60.0, 2, "matmul"),
+        ("aten::mm", 15.0, 1, "matmul"),
+        ("aten::native_layer_norm", 20.0, 1, "norm"),
+        ("aten::foo", 5.0, 1, "other"),
     ]
-    monkeypatch.setattr("vitbn.bench.cases.self_times", lambda run, device, iters: times)
+    monkeypatch.setattr("vitbn.bench.cases.profile_rows", lambda run, device, iters: rows)
     shares = op_shares(lambda: None, CPU)
     assert shares == {**dict.fromkeys(shares, 0.0), "matmul": 75.0, "norm": 20.0, "other": 5.0}
 
