@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitbn.bench.system import cpu_model
+from vitbn.bench.system import cpu_features, cpu_model
 from vitbn.config import DataConfig, RunConfig, TrackConfig, flatten
 from vitbn.data import prepare_data
 from vitbn.engine import fit, load_model
@@ -164,7 +164,8 @@ def test_training_against_a_tracking_server(tmp_path, mlflow_server, data):
     assert {"git_commit", "version.torch", "version.vitbn", "version.mlflow", "hostname", "threads"} <= set(
         run.data.tags
     )
-    assert run.data.tags["machine"] == f"{cpu_model()} ({os.cpu_count()} logical cores visible)"
+    assert run.data.tags["machine"] == f"{cpu_model()} [{cpu_features()}] ({os.cpu_count()} logical cores visible)"
+    assert run.data.tags["threads_choice"] == "requested" and run.data.tags["threads"] == "1"
     record = result.history[0]
     for key in ("train/loss", "train/acc", "test/loss", "test/acc", "test/acc_class_3", "time/train_epoch_s", "lr"):
         (metric,) = client.get_metric_history(result.run_id, key)
