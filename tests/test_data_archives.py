@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from archives import write_cifar10, write_cifar100, write_emnist, write_svhn_mat
+from official_layouts import write_cifar10, write_cifar100, write_emnist, write_svhn_mat
 from vitbn.config import DATASET_INPUTS, ModelConfig
 from vitbn.data import REGISTRY, RemoteFile, load_dataset, md5sum
+from vitbn.data import archives as readers
 from vitbn.data.datasets import ArchiveDataset
 from vitbn.errors import UserError
 
@@ -64,6 +65,7 @@ def test_cifar100_fine_and_coarse_labels(tmp_path, monkeypatch, name):
 
 
 def test_svhn_mat_files_and_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "_SVHN_CHUNK", 3)  # the chunked transposition crosses chunk borders
     folder = tmp_path / "svhn"
     train = write_svhn_mat(folder / "train_32x32.mat", 7, seed=1)
     test = write_svhn_mat(folder / "test_32x32.mat", 5, seed=2)
@@ -129,6 +131,10 @@ def test_svhn_label_out_of_range_is_refused(tmp_path, monkeypatch):
     scipy.io.savemat(folder / "train_32x32.mat", {"X": x, "y": np.array([[3], [11]], dtype=np.uint8)})
     use_local(monkeypatch, "svhn", folder)
     with pytest.raises(UserError, match=r"train_32x32.mat: label 10 is outside the class range 0..9"):
+        load_dataset("svhn", root=tmp_path)
+    scipy.io.savemat(folder / "train_32x32.mat", {"X": np.zeros((28, 28, 2), dtype=np.uint8), "y": np.ones((2, 1))})
+    use_local(monkeypatch, "svhn", folder)
+    with pytest.raises(UserError, match=r"train_32x32.mat: X has shape \(28, 28, 2\); expected \(32, 32, 3, N\)"):
         load_dataset("svhn", root=tmp_path)
 
 

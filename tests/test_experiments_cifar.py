@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from archives import CIFAR10_NAMES, write_cifar10
+from official_layouts import CIFAR10_NAMES, write_cifar10
 from vitbn.cli import main
 from vitbn.data import REGISTRY, RemoteFile, md5sum
 from vitbn.engine import fit

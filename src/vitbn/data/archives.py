@@ -14,8 +14,9 @@ with int64 labels, and the class names. Layouts (those of the files the datasets
 - EMNIST (``gzip.zip``): ``gzip/emnist-<split>-{train,test}-{images-idx3,labels-idx1}-ubyte.gz`` (IDX, each image
   stored transposed) and ``gzip/emnist-<split>-mapping.txt`` (``label code [code]`` per line).
 
-The tar archives are read as a stream, member by member, and only the members a dataset needs are kept; an
-EMNIST split reads its own four members of the zip. Memory stays within about twice the decoded split.
+The tar archives are read as a stream, member by member, and only the members a dataset needs are kept; SVHN's
+files are loaded one at a time into a preallocated split (their sizes read from the headers first); an EMNIST split
+reads only its own four members of the zip. Memory stays within about twice the decoded split.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from vitbn.errors import UserError
 
 CIFAR_PIXELS = 3 * 32 * 32
 SVHN_CLASSES = tuple(str(k) for k in range(10))
+_SVHN_CHUNK = 8192  # images per transposed copy
 
 
 def _tar_members(archive: Path, wanted: Sequence[str]) -> dict[str, bytes]:
@@ -119,39 +121,68 @@ def read_cifar100_coarse(paths: dict[str, Path]) -> tuple[Split, Split, list[str
     return _read_cifar100(paths, coarse=True)
 
 
-def read_svhn_mat(path: Path) -> Split:
-    """One SVHN .mat file: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) in 1..10 (10 is the digit 0)."""
+def _svhn_count(path: Path) -> int:
+    """The number of images of an SVHN .mat file, from its header (``whosmat``: nothing is loaded)."""
+    import scipy.io
+
+    try:
+        shapes = {name: shape for name, shape, _ in scipy.io.whosmat(path)}
+    except (ValueError, OSError, TypeError, NotImplementedError) as exc:  # scipy's MatReadError is a ValueError
+        raise UserError(f"{path}: cannot read the .mat file ({exc})") from None
+    x = shapes.get("X")
+    if x is None or len(x) != 4 or tuple(x[:3]) != (32, 32, 3):
+        raise UserError(f"{path}: X has shape {x}; expected (32, 32, 3, N) (not SVHN's layout)")
+    return int(x[3])
+
+
+def _fill_svhn(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Loads one SVHN .mat into ``images`` (n, 3, 32, 32) and ``labels`` (n,): ``X`` (32, 32, 3, n) uint8 and ``y``
+    (n, 1) in 1..10, 10 being the digit 0. The transposition is copied in chunks, so the peak is the file's ``X``
+    plus the output."""
     import scipy.io
 
     try:
         mat = scipy.io.loadmat(path, variable_names=("X", "y"))
-    except (ValueError, OSError, TypeError, NotImplementedError) as exc:  # scipy's MatReadError is a ValueError
+    except (ValueError, OSError, TypeError, NotImplementedError) as exc:
         raise UserError(f"{path}: cannot read the .mat file ({exc})") from None
     if "X" not in mat or "y" not in mat:
         raise UserError(f"{path}: the .mat file lacks {'X' if 'X' not in mat else 'y'} (not SVHN's layout)")
-    x, y = mat["X"], mat["y"]
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3:
-        raise UserError(f"{path}: X is {x.dtype.name} of shape {x.shape}; expected uint8 (H, W, 3, N)")
-    y = y.reshape(-1)
-    if len(y) != x.shape[3] or not np.issubdtype(y.dtype, np.integer):
-        raise UserError(f"{path}: y has {len(y)} {y.dtype.name} labels for {x.shape[3]} images")
-    labels = y.astype(np.int64)
-    check_labels(labels - 1, 10, str(path))  # 1..10 as stored
-    labels[labels == 10] = 0
-    images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))  # (H, W, C, N) -> (N, C, H, W)
-    return Split(images, torch.from_numpy(labels))
+    x, y = mat.pop("X"), mat.pop("y").reshape(-1)
+    if x.dtype != np.uint8 or x.shape != (32, 32, 3, len(images)):
+        raise UserError(f"{path}: X is {x.dtype.name} of shape {x.shape}; expected uint8 (32, 32, 3, {len(images)})")
+    if len(y) != len(images) or not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{path}: y has {len(y)} {y.dtype.name} labels for {len(images)} images")
+    digits = y.astype(np.int64)
+    check_labels(digits - 1, 10, str(path))  # 1..10 as stored
+    digits[digits == 10] = 0
+    labels.copy_(torch.from_numpy(digits))
+    for start in range(0, len(images), _SVHN_CHUNK):  # (H, W, C, n) -> (n, C, H, W)
+        part = x[..., start : start + _SVHN_CHUNK]
+        images[start : start + part.shape[3]] = torch.from_numpy(np.ascontiguousarray(part.transpose(3, 2, 0, 1)))
+
+
+def read_svhn_files(paths: Sequence[Path]) -> Split:
+    """The images of SVHN .mat files, one after the other, in one preallocated split (loaded one file at a time)."""
+    counts = [_svhn_count(path) for path in paths]
+    images = torch.empty(sum(counts), 3, 32, 32, dtype=torch.uint8)
+    labels = torch.empty(sum(counts), dtype=torch.int64)
+    start = 0
+    for path, count in zip(paths, counts):
+        _fill_svhn(path, images[start : start + count], labels[start : start + count])
+        start += count
+    return Split(images, labels)
 
 
 def read_svhn(paths: dict[str, Path]) -> tuple[Split, Split, list[str]]:
     """SVHN's cropped digits: ``train_32x32.mat`` (73257 images) and ``test_32x32.mat`` (26032)."""
-    return read_svhn_mat(paths["train_32x32.mat"]), read_svhn_mat(paths["test_32x32.mat"]), list(SVHN_CLASSES)
+    train, test = read_svhn_files([paths["train_32x32.mat"]]), read_svhn_files([paths["test_32x32.mat"]])
+    return train, test, list(SVHN_CLASSES)
 
 
 def read_svhn_extra(paths: dict[str, Path]) -> tuple[Split, Split, list[str]]:
-    """SVHN with ``extra_32x32.mat`` (531131 easier images) appended to the training split."""
-    train, extra = read_svhn_mat(paths["train_32x32.mat"]), read_svhn_mat(paths["extra_32x32.mat"])
-    train = Split(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
-    return train, read_svhn_mat(paths["test_32x32.mat"]), list(SVHN_CLASSES)
+    """SVHN with ``extra_32x32.mat`` (531131 easier images) after the training images."""
+    train = read_svhn_files([paths["train_32x32.mat"], paths["extra_32x32.mat"]])
+    return train, read_svhn_files([paths["test_32x32.mat"]]), list(SVHN_CLASSES)
 
 
 def _zip_member(archive: zipfile.ZipFile, name: str, source: Path) -> bytes:
@@ -196,6 +227,7 @@ def read_emnist(path: Path, split: str, count: int) -> tuple[Split, Split, list[
                 except (OSError, EOFError, zlib.error) as exc:
                     raise UserError(f"{path}:{name}: corrupt gzip member ({exc})") from None
                 array = parse_idx(data, f"{path}:{name}")
+                del data  # the decoded copy is all that is kept
                 if array.ndim != ndim or array.dtype != np.uint8:
                     raise UserError(
                         f"{path}:{name}: {array.dtype.name} of shape {array.shape}, expected {ndim}-D uint8"
