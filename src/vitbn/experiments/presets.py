@@ -312,12 +312,12 @@ _CIFAR_RUN = _with(
 )  # fmt: skip
 _CIFAR_MODELS = [ModelSpec("vit-cifar", 7), ModelSpec("vitbn-cifar", 7)]
 # cifar's budget (a 2-core CPU, under an hour): the first 10000 training images (9000 trained on, 1000 validation),
-# 6 epochs, 5000 test images, the two models: 2 x 9000 x 6 = 108000 training image passes of 1.53 GFLOP each
-# (forward + backward of the 3.72M-parameter model at 65 tokens), about 165 TFLOP, plus 2 x (6 x 1000 + 5000)
-# evaluated images of 0.51 GFLOP. At the rate the norms experiment's depth-6 MNIST ViT trained on this project's
-# 2-core CPU (101 MFLOP per image pass, about 820 images/s: some 80 GFLOP/s) that is about 35 minutes (an estimate
-# from FLOPs, not timed).
-_CIFAR_CPU_RUN = _with(_CIFAR_RUN, data={"train_subset": 10000, "test_subset": 5000}, train={"epochs": 6})
+# 4 epochs, 5000 test images, the two models: 2 x 9000 x 4 = 72000 training image passes of 1.53 GFLOP each
+# (forward + backward of the 3.72M-parameter model at 65 tokens), about 110 TFLOP, plus 2 x (4 x 1000 + 5000)
+# evaluated images of 0.51 GFLOP (9 TFLOP). The norms experiment's depth-6 MNIST ViT trained at some 80 GFLOP/s on
+# this project's 2-core CPU (101 MFLOP per image pass, about 820 images/s): 25 minutes at that rate, 50 at half of
+# it (estimates from FLOPs, not timed).
+_CIFAR_CPU_RUN = _with(_CIFAR_RUN, data={"train_subset": 10000, "test_subset": 5000}, train={"epochs": 4})
 # cifar-full (for a GPU): Compact Transformers' 300-epoch recipe on a model of their CVT-7/4's size: all 50000
 # images (5000 for validation), AdamW lr 5e-4, 10 warm-up epochs, RandAugment (2, 9), Mixup 0.8 / CutMix 1.0,
 # stochastic depth 0.1, bf16. The target: >= 94% test accuracy (CVT-7/4's at 300 epochs).
@@ -329,13 +329,14 @@ _CIFAR_FULL_RUN = _with(
 )  # fmt: skip
 # The norms study on CIFAR-10, as ``norms`` on MNIST (the same six variants, lr chosen on validation, 2 seeds). The
 # CPU version trains a narrower model (dim 128, 4 heads of 32, MLP 256, depth 4: 0.55M parameters, 0.23 GFLOP per
-# training image pass) so that its 36 runs fit: 36 runs x 8000 images x 6 epochs = 1.73M image passes, about 400
-# TFLOP, some 85 minutes at the rate above, under two hours with the evaluations (estimates from FLOPs, not timed).
+# training image pass) so that its 36 runs fit: 36 runs x 8000 images x 4 epochs = 1.15M image passes, about 270
+# TFLOP, plus 36 x (4 x 2000 + 5000) evaluated images (36 TFLOP): some 65 minutes at the rate above, under two
+# hours down to about 45 GFLOP/s (estimates from FLOPs, not timed).
 _NORMS_CIFAR_MODEL = {"image_size": 32, "patch_size": 4, "channels": 3, "dim": 128, "heads": 4, "dim_head": 32,
                       "mlp_dim": 256}  # fmt: skip
 _NORMS_CIFAR_RUN = _with(_CIFAR_RUN, model=_NORMS_CIFAR_MODEL,
                          data={"train_subset": 10000, "test_subset": 5000, "val_fraction": 0.2},
-                         train={"epochs": 6})  # fmt: skip
+                         train={"epochs": 4})  # fmt: skip
 _NORMS_CIFAR_FULL_RUN = _with(
     _CIFAR_RUN,
     model={k: v for k, v in VIT_CIFAR.items() if k not in ("depth", "num_classes")},
@@ -514,7 +515,7 @@ PRESETS: dict[str, ExperimentPreset] = {
             name="cifar",
             description="CIFAR-10 on a 2-core CPU budget: ViT (LayerNorm) and ViTBN of the vit-cifar size (patch 4, "
             "dim 256, depth 7, 3.72M parameters), AdamW lr 0.001 (weight decay 0.05), 1 warm-up epoch then cosine, "
-            "label smoothing 0.1, pad-4 crop and flip, batch 128, 6 epochs on the first 10000 training images (10% "
+            "label smoothing 0.1, pad-4 crop and flip, batch 128, 4 epochs on the first 10000 training images (10% "
             "for validation, which chooses the epoch), 5000 test images at the end; fp32 (cifar-full is the full "
             "one).",
             models=_CIFAR_MODELS,
@@ -536,7 +537,7 @@ PRESETS: dict[str, ExperimentPreset] = {
             name="norms-cifar",
             description="The norms experiment on CIFAR-10 (2-core CPU budget): LayerNorm, RMSNorm, DyT, ViTBNFFN, "
             "ViTBN and PRepBN on a depth-4 ViT (dim 128, patch 4), AdamW at 3 learning rates, 2 seeds, the lr "
-            "selected on a stratified 20% validation split of the first 10000 training images, 6 epochs, pad-4 crop "
+            "selected on a stratified 20% validation split of the first 10000 training images, 4 epochs, pad-4 crop "
             "and flip, 5000 test images at the end; fp32 (norms-cifar-full is the full one).",
             models=_norm_models(4),
             lrs=[0.0005, 0.001, 0.002],
