@@ -169,14 +169,19 @@ def test_download_from_a_local_server(tmp_path, server, monkeypatch):
     base, requests, www = server
     expected = write_cifar100(www / "kriz" / "cifar-100-binary.tar.gz")
     write_emnist(www / "emnist" / "gzip.zip", splits=("digits",))
+    svhn_test = write_svhn_mat(www / "svhn" / "test_32x32.mat", 3, seed=4)
+    write_svhn_mat(www / "svhn" / "train_32x32.mat", 5, seed=5)
     use_local(monkeypatch, "cifar100", www / "kriz", (f"{base}/kriz/",))
     use_local(monkeypatch, "emnist-digits", www / "emnist", (f"{base}/emnist",))
+    use_local(monkeypatch, "svhn", www / "svhn", (f"{base}/svhn/",))
     root = tmp_path / "data"
     data = load_dataset("cifar100", root=root)
     check_split(data.train, expected["train"])
     assert requests == ["/kriz/cifar-100-binary.tar.gz"]
     assert [p.name for p in (root / "cifar100").iterdir()] == ["cifar-100-binary.tar.gz"]  # no temporary file
     assert load_dataset("emnist-digits", root=root).num_classes == 10
+    check_split(load_dataset("svhn", root=root).test, svhn_test)
+    assert sorted(p.name for p in (root / "svhn").iterdir()) == ["test_32x32.mat", "train_32x32.mat"]
     requests.clear()
     load_dataset("cifar100", root=root)  # local and verified now
     assert requests == []

@@ -327,7 +327,7 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    dataset: str = "mnist"  # a registered name, "npz:PATH" or "folder:PATH"
+    dataset: str = "mnist"  # a registered name (mnist, cifar10, svhn, emnist-letters, ...), "npz:PATH", "folder:PATH"
     root: str | None = None  # None: $VITBN_DATA, else ~/.cache/vitbn
     download: bool = True
     val_size: int = 0  # images carved (seeded) from the training set for validation; 0: none
