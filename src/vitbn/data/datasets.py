@@ -11,6 +11,7 @@ shared by the datasets read from it), parsed by ``vitbn.data.archives``. ``root`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ REGISTRY: dict[str, IDXDataset | ArchiveDataset] = {}
 
 
 def register_dataset(spec: IDXDataset | ArchiveDataset, *, replace: bool = False) -> IDXDataset | ArchiveDataset:
-    """Adds an IDX dataset to the registry (``load_dataset(spec.name)`` then finds it).
+    """Adds an IDX or archive dataset to the registry (``load_dataset(spec.name)`` then finds it).
 
     Raises:
         ValueError: The name contains ``:`` (reserved for ``npz:``/``folder:``), is ``digits``, or is already
@@ -171,7 +172,11 @@ _EMNIST = RemoteFile("gzip.zip", "58c8d27c78d21e728a6bc7b3cc06412e")
 EMNIST_SPLITS = {"balanced": 47, "byclass": 62, "letters": 26, "digits": 10, "mnist": 10}  # split -> classes
 
 
-def _archive(name: str, folder: str, files: tuple[RemoteFile, ...], mirrors: tuple[str, ...], reader) -> None:
+Reader = Callable[[dict[str, Path]], tuple[Split, Split, list[str]]]
+
+
+def _archive(name: str, folder: str, files: tuple[RemoteFile, ...], mirrors: tuple[str, ...], reader: Reader) -> None:
+    """Registers an archive dataset whose shape and class count are those of ``DATASET_INPUTS[name]``."""
     inputs = DATASET_INPUTS[name]  # the model input a preset takes on this dataset (vitbn.config)
     side = inputs.get("image_size", 28)
     shape = (inputs.get("channels", 1), side, side)
@@ -183,12 +188,15 @@ _archive("cifar100", "cifar100", (_CIFAR100,), _CIFAR, archives.read_cifar100)
 _archive("cifar100-coarse", "cifar100", (_CIFAR100,), _CIFAR, archives.read_cifar100_coarse)
 _archive("svhn", "svhn", (_SVHN_FILES["train"], _SVHN_FILES["test"]), _SVHN, archives.read_svhn)
 _archive("svhn-extra", "svhn", tuple(_SVHN_FILES.values()), _SVHN, archives.read_svhn_extra)
+
+
+def _read_emnist(paths: dict[str, Path], split: str, count: int) -> tuple[Split, Split, list[str]]:
+    return archives.read_emnist(paths[_EMNIST.name], split, count)
+
+
 for _split, _count in EMNIST_SPLITS.items():
-
-    def _read_emnist(paths: dict[str, Path], split: str = _split, count: int = _count):
-        return archives.read_emnist(paths[_EMNIST.name], split, count)
-
-    _archive(f"emnist-{_split}", "emnist", (_EMNIST,), ("https://biometrics.nist.gov/cs_links/EMNIST/",), _read_emnist)
+    _reader = functools.partial(_read_emnist, split=_split, count=_count)
+    _archive(f"emnist-{_split}", "emnist", (_EMNIST,), ("https://biometrics.nist.gov/cs_links/EMNIST/",), _reader)
 
 
 def list_datasets() -> list[str]:
