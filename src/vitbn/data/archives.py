@@ -46,9 +46,10 @@ def _tar_members(archive: Path, wanted: Sequence[str]) -> dict[str, bytes]:
     try:
         with tarfile.open(archive, mode="r|gz") as tar:
             for member in tar:
-                if member.name in wanted and member.isfile():
+                name = member.name.removeprefix("./")  # archives made with `tar -C dir .` name members ./x
+                if name in wanted and member.isfile():
                     handle = tar.extractfile(member)
-                    found[member.name] = handle.read() if handle is not None else b""
+                    found[name] = handle.read() if handle is not None else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise UserError(f"{archive}: cannot read the tar.gz archive ({exc})") from None
     missing = [name for name in wanted if name not in found]
