@@ -271,7 +271,11 @@ def test_plan_and_depths():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"models": ("resnet",)}, r"models=\['resnet'\] must be a non-empty subset of vit, vitbn, vitbnffn"),
+        (
+            {"models": ("resnet",)},
+            r"models=\['resnet'\] must be a non-empty subset of vit, vit-cifar, vitbn, vitbn-cifar, vitbnffn, "
+            r"vitbnffn-cifar",
+        ),
         ({"precisions": ("fp8",)}, r"precisions=\['fp8'\] must be a non-empty subset of fp32, bf16, fp16"),
         ({"depths": ("deep",)}, r"depth 'deep' is not 'study', 'equal' or a positive integer"),
         ({"repeats": 0}, r"repeats=0 must be a positive integer"),
@@ -286,7 +290,8 @@ def test_bad_options_name_the_value(changes, message):
 def test_cli_errors_are_one_line(capsys):
     assert main(["bench", "--models", "resnet", "--no-compile"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "vitbn bench: error: models=['resnet'] must be a non-empty subset of vit, vitbn, vitbnffn"
+        "vitbn bench: error: models=['resnet'] must be a non-empty subset of vit, vit-cifar, vitbn, vitbn-cifar, "
+        "vitbnffn, vitbnffn-cifar"
     )
     with pytest.raises(SystemExit):
         main(["bench", "--set", "dim"])

@@ -33,7 +33,10 @@ def test_models_command_prints_every_preset(capsys):
 def test_user_errors_are_one_line(capsys):
     assert main(["train", "--model", "resnet", "--no-track"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "vitbn train: error: --model: model='resnet' is not one of 'vit', 'vitbn', 'vitbnffn'"
+    assert (
+        err == "vitbn train: error: --model: model='resnet' is not one of 'vit', 'vit-cifar', 'vitbn', 'vitbn-cifar', "
+        "'vitbnffn', 'vitbnffn-cifar'"
+    )
 
 
 @pytest.mark.parametrize(

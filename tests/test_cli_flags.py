@@ -56,7 +56,8 @@ def test_experiment_and_bench_take_the_same_model_flags():
         (["--stem", "hmlp"], "vitbn train: error: --stem: stem='hmlp' splits the patch into stages (4 = 2x2, 14 = "
                              "7x2, 16 = 4x2x2) but patch_size=7 has no factors: use patch_size 4 (49 tokens on 28x28 "
                              "images) or 14"),
-        (["--model", "vitx"], "vitbn train: error: --model: model='vitx' is not one of 'vit', 'vitbn', 'vitbnffn'"),
+        (["--model", "vitx"], "vitbn train: error: --model: model='vitx' is not one of 'vit', 'vit-cifar', 'vitbn', "
+                              "'vitbn-cifar', 'vitbnffn', 'vitbnffn-cifar'"),
     ],
 )  # fmt: skip
 def test_bad_model_values_are_one_line_naming_the_flag(argv, line, capsys, tmp_path, monkeypatch):

@@ -31,7 +31,10 @@ def test_flatten_gives_dotted_keys():
         ({"train": {"lr": 0}}, r"lr=0 must be > 0"),
         ({"train": {"batch_size": 0}}, r"batch_size=0 must be a positive integer"),
         ({"train": {"precision": "fp8"}}, r"precision='fp8' is not one of 'fp32', 'bf16', 'fp16'"),
-        ({"model": {"name": "vgg"}}, r"model='vgg' is not one of 'vit', 'vitbn', 'vitbnffn'"),
+        (
+            {"model": {"name": "vgg"}},
+            r"model='vgg' is not one of 'vit', 'vit-cifar', 'vitbn', 'vitbn-cifar', 'vitbnffn', 'vitbnffn-cifar'",
+        ),
         ({"hpo": {"batch_min": 200}}, r"batch_min=200 must be <= batch_max=120"),
     ],
 )

@@ -221,11 +221,12 @@ def test_augmenter_targets_kind_follows_mixes():
 
 
 def test_levels_build_configs():
-    assert set(A.LEVELS) == {"none", "light", "medium", "heavy"}
+    assert set(A.LEVELS) == {"none", "light", "medium", "heavy", "natural-light", "natural-medium", "natural-heavy"}
     for name in A.LEVELS:
         cfg = AugmentConfig.from_level(name)
         assert cfg.level == name and cfg.enabled == (name != "none")
-        assert cfg.mixes == (name in ("medium", "heavy"))
+        assert cfg.mixes == (name in ("medium", "heavy", "natural-medium", "natural-heavy"))
+        assert cfg.hflip == name.startswith("natural") and cfg.crop_padding == (4 if cfg.hflip else 2 * cfg.enabled)
     assert AugmentConfig.from_level("light").level == "light"
     assert AugmentConfig.from_level("light", seed=4).level == "light"
     assert AugmentConfig.from_level("medium", mixup_alpha=0.3).level == "custom"

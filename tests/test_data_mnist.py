@@ -109,7 +109,12 @@ def test_registered_family():
 
 
 def test_unknown_dataset():
-    with pytest.raises(UserError, match=r"unknown dataset 'mnits'; known: digits, fashion-mnist, kmnist, mnist"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown dataset 'mnits'; known: cifar10, cifar100, cifar100-coarse, digits, emnist-balanced, "
+        r"emnist-byclass, emnist-digits, emnist-letters, emnist-mnist, fashion-mnist, kmnist, mnist, svhn, "
+        r"svhn-extra, or npz:PATH, folder:PATH$",
+    ):
         load_dataset("mnits")
 
 

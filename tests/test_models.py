@@ -223,7 +223,7 @@ def test_attention_weights_match_a_hand_computation(tiny_overrides):
 
 
 def test_presets_carry_the_study_hyperparameters():
-    assert list_models() == ["vit", "vitbn", "vitbnffn"]
+    assert list_models() == ["vit", "vit-cifar", "vitbn", "vitbn-cifar", "vitbnffn", "vitbnffn-cifar"]
     c = create_model("vitbn").config
     assert (c.image_size, c.patch_size, c.channels, c.num_classes, c.dim, c.heads, c.dim_head, c.mlp_dim) == (
         28,
@@ -237,7 +237,10 @@ def test_presets_carry_the_study_hyperparameters():
     )
     assert (c.depth, c.pool, c.pos_emb, c.dropout, c.emb_dropout) == (6, "cls", "learn", 0.0, 0.0)
     assert create_model("vitbn", depth=1).config.depth == 1
-    with pytest.raises(ValueError, match="model='resnet' is not one of 'vit', 'vitbn', 'vitbnffn'"):
+    with pytest.raises(
+        ValueError,
+        match="model='resnet' is not one of 'vit', 'vit-cifar', 'vitbn', 'vitbn-cifar', 'vitbnffn', 'vitbnffn-cifar'",
+    ):
         create_model("resnet")
 
 

@@ -316,7 +316,10 @@ def test_one_build_path_and_names_that_describe_the_model():
     assert ModelConfig(name="custom", attn_norm="batch").name == "custom"
     again = RunConfig.from_dict({"model": {"name": "vit+attn_norm=batch", "depth": 2}}).model
     assert (again.name, again.attn_norm, again.depth, again.patch_size) == ("vit+attn_norm=batch", "batch", 2, 7)
-    with pytest.raises(ValueError, match="model='vitx' is not one of 'vit', 'vitbn', 'vitbnffn'"):
+    with pytest.raises(
+        ValueError,
+        match="model='vitx' is not one of 'vit', 'vit-cifar', 'vitbn', 'vitbn-cifar', 'vitbnffn', 'vitbnffn-cifar'",
+    ):
         create_model("vitx")
 
 

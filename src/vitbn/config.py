@@ -27,8 +27,57 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N", the GPU of index N (see check_device)
 PRECISIONS = ("fp32", "bf16", "fp16")
-AUGMENT_LEVELS = ("none", "light", "medium", "heavy")
 RANDAUG_MAX_MAGNITUDE = 30  # torchvision's scale: magnitude 30 is each op's largest change
+
+# The augmentation levels (AugmentConfig.from_level), AugReg's light / medium / heavy: RandAugment(2, 10 / 15 / 20)
+# with Mixup 0 / 0.2 / 0.5. The plain levels are for digits and characters: no flips (a flip changes what a glyph
+# is) and translations of 2 pixels (a 28x28 digit's 20x20 glyph leaves a 4-pixel margin). The natural-* levels are
+# for natural images (CIFAR): the usual pad-4 random crop and horizontal flip.
+#     level            crop_padding  hflip  RandAugment (ops, magnitude)  mixup_alpha  cutmix_alpha
+#     none             0             no     off                           0            0
+#     light            2             no     off                           0            0
+#     medium           2             no     2, 9                          0.2          0
+#     heavy            2             no     2, 15                         0.5          0
+#     natural-light    4             yes    off                           0            0
+#     natural-medium   4             yes    2, 9                          0.2          0
+#     natural-heavy    4             yes    2, 15                         0.8          1.0
+_AUG_OFF: dict[str, Any] = dict(
+    crop_padding=0, hflip=False, rotate=0.0, randaug_ops=0, randaug_magnitude=9, mixup_alpha=0.0, cutmix_alpha=0.0,
+    mix_prob=1.0,
+)  # fmt: skip
+_NATURAL: dict[str, Any] = {**_AUG_OFF, "crop_padding": 4, "hflip": True}
+AUGMENT_LEVEL_SETTINGS: dict[str, dict[str, Any]] = {
+    "none": dict(_AUG_OFF),
+    "light": {**_AUG_OFF, "crop_padding": 2},
+    "medium": {**_AUG_OFF, "crop_padding": 2, "randaug_ops": 2, "randaug_magnitude": 9, "mixup_alpha": 0.2},
+    "heavy": {**_AUG_OFF, "crop_padding": 2, "randaug_ops": 2, "randaug_magnitude": 15, "mixup_alpha": 0.5},
+    "natural-light": dict(_NATURAL),
+    "natural-medium": {**_NATURAL, "randaug_ops": 2, "randaug_magnitude": 9, "mixup_alpha": 0.2},
+    "natural-heavy": {**_NATURAL, "randaug_ops": 2, "randaug_magnitude": 15, "mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+}
+AUGMENT_LEVELS = tuple(AUGMENT_LEVEL_SETTINGS)
+
+# Datasets of digits and characters, where a horizontal flip changes the class (a mirrored 2 is no digit): hflip is
+# refused on them. SVHN is photographs, but of digits.
+GLYPH_DATASETS = ("mnist", "kmnist", "digits", "svhn", "svhn-extra", "emnist-balanced", "emnist-byclass",
+                  "emnist-letters", "emnist-digits", "emnist-mnist")  # fmt: skip
+
+# The model input on registered datasets whose images are not MNIST's 1x28x28 in 10 classes. A run on one of them
+# takes these settings unless its model section sets them (so ``--dataset cifar10 --model vitbn`` builds a 32x32 RGB
+# model in 4x4 patches, 64 tokens); vitbn.data registers each dataset with this shape and class count.
+_RGB32: dict[str, Any] = dict(channels=3, image_size=32, patch_size=4)
+DATASET_INPUTS: dict[str, dict[str, Any]] = {
+    "cifar10": {**_RGB32, "num_classes": 10},
+    "cifar100": {**_RGB32, "num_classes": 100},
+    "cifar100-coarse": {**_RGB32, "num_classes": 20},
+    "svhn": {**_RGB32, "num_classes": 10},
+    "svhn-extra": {**_RGB32, "num_classes": 10},
+    "emnist-balanced": {"num_classes": 47},
+    "emnist-byclass": {"num_classes": 62},
+    "emnist-letters": {"num_classes": 26},
+    "emnist-digits": {"num_classes": 10},
+    "emnist-mnist": {"num_classes": 10},
+}
 
 
 def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -71,8 +120,18 @@ VARIANT_NORMS: dict[str, dict[str, str]] = {
     "vitbn": dict(embed_norm="batch", attn_norm="batch", ffn_norm="none", ffn_inner_norm="batch", final_norm="batch"),
 }
 
+# The small ViT for 32x32 RGB images (CIFAR, SVHN), in the class of Compact Transformers' ViT-Lite-7/4 (Hassani et
+# al. 2021): patch 4 (64 tokens and a CLS token), dim 256, depth 7, 4 heads of 64, MLP ratio 2 (mlp_dim 512). Patch 4
+# is what every from-scratch CIFAR ViT recipe uses (patch 8 leaves 16 tokens and loses accuracy); MLP ratio 2 rather
+# than 4 keeps the model under 4M parameters at depth 7: 3.72M with LayerNorm (tests/test_models_cifar.py counts it).
+VIT_CIFAR: dict[str, Any] = dict(
+    image_size=32, patch_size=4, channels=3, num_classes=10, dim=256, depth=7, heads=4, dim_head=64, mlp_dim=512,
+    dropout=0.0, emb_dropout=0.0, pool="cls", pos_emb="learn",
+)  # fmt: skip
+
 # Preset name -> ModelConfig defaults. ``vitbn.models.register_model`` adds to it.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {name: {**STUDY_MNIST, **norms} for name, norms in VARIANT_NORMS.items()}
+MODEL_PRESETS.update({f"{name}-cifar": {**VIT_CIFAR, **norms} for name, norms in VARIANT_NORMS.items()})
 
 
 def apply_norm(norms: dict[str, str], kind: str) -> dict[str, str]:
@@ -279,7 +338,7 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    dataset: str = "mnist"  # a registered name, "npz:PATH" or "folder:PATH"
+    dataset: str = "mnist"  # a registered name (mnist, cifar10, svhn, emnist-letters, ...), "npz:PATH", "folder:PATH"
     root: str | None = None  # None: $VITBN_DATA, else ~/.cache/vitbn
     download: bool = True
     val_size: int = 0  # images carved (seeded) from the training set for validation; 0: none
@@ -379,11 +438,13 @@ class AugmentConfig:
     """Training-time augmentation of batched tensors on the training device (Steiner et al. 2021, AugReg).
 
     Off by default (the study trains without augmentation). ``AugmentConfig.from_level`` gives the named levels
-    (``vitbn.data.augment.LEVELS``). There are no flips: they change what a digit or a character is.
+    (``AUGMENT_LEVEL_SETTINGS``). Flips are for natural images only: a run on a dataset of ``GLYPH_DATASETS`` refuses
+    them (they change what a digit or a character is).
     """
 
     level: str = "none"  # the named level these settings came from, or "custom"; informational
     crop_padding: int = 0  # random translation by up to this many pixels, zero fill (pad-and-crop)
+    hflip: bool = False  # mirror each image left-right with probability 0.5 (natural images only)
     rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees
     randaug_ops: int = 0  # RandAugment: ops applied per image (0: off)
     randaug_magnitude: int = 9  # RandAugment magnitude, 0..30
@@ -396,6 +457,8 @@ class AugmentConfig:
         _choice("level", self.level, (*AUGMENT_LEVELS, "custom"))
         if not isinstance(self.crop_padding, int) or isinstance(self.crop_padding, bool) or self.crop_padding < 0:
             raise ValueError(f"crop_padding={self.crop_padding!r} must be an integer >= 0")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"hflip={self.hflip!r} must be true or false")
         if not 0.0 <= self.rotate <= 180.0:
             raise ValueError(f"rotate={self.rotate!r} must be in [0, 180] degrees")
         if not isinstance(self.randaug_ops, int) or self.randaug_ops < 0:
@@ -409,7 +472,9 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.crop_padding or self.rotate or self.randaug_ops or self.mixup_alpha or self.cutmix_alpha)
+        return bool(
+            self.crop_padding or self.hflip or self.rotate or self.randaug_ops or self.mixup_alpha or self.cutmix_alpha
+        )
 
     @property
     def mixes(self) -> bool:
@@ -418,12 +483,12 @@ class AugmentConfig:
 
     @classmethod
     def from_level(cls, level: str, **overrides: Any) -> AugmentConfig:
-        """A named level (``none``, ``light``, ``medium``, ``heavy``) with fields overridden."""
-        from vitbn.data.augment import LEVELS
-
+        """A named level of ``AUGMENT_LEVEL_SETTINGS`` (``none``, ``light``, ..., ``natural-heavy``) with fields
+        overridden."""
         _choice("augment level", level, AUGMENT_LEVELS)
-        made = cls(**{**LEVELS[level], **overrides, "level": "custom"})
-        plain = cls(**{**LEVELS[level], "seed": made.seed, "level": "custom"})
+        settings = AUGMENT_LEVEL_SETTINGS[level]
+        made = cls(**{**settings, **overrides, "level": "custom"})
+        plain = cls(**{**settings, "seed": made.seed, "level": "custom"})
         return dataclasses.replace(made, level=level) if made == plain else made
 
 
@@ -470,6 +535,13 @@ class RunConfig:
     hpo: HPOConfig = field(default_factory=HPOConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        if self.augment.hflip and self.data.dataset in GLYPH_DATASETS:
+            raise ValueError(
+                f"hflip on dataset {self.data.dataset!r} (digits or characters): a flip changes what a glyph is; "
+                "flips are for natural images (cifar10, cifar100, npz:/folder: photos)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
@@ -482,6 +554,8 @@ class RunConfig:
             sections = ", ".join(f.name for f in dataclasses.fields(cls))
             raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: {sections}")
         model = dict(data.get("model") or {})
+        dataset = (data.get("data") or {}).get("dataset", DataConfig.dataset)
+        model = {**DATASET_INPUTS.get(dataset, {}), **model}  # the dataset's input where the model leaves it unset
         name = model.pop("name", None)
         if name not in (None, "custom"):
             model_config = ModelConfig.from_preset(name, **model)

@@ -148,8 +148,11 @@ RUN_FLAGS: dict[str, Flag] = {
     "--early-stopping": Flag("train", "early_stopping", dict(type=int, metavar="PATIENCE", help="stop after "
                              "PATIENCE epochs without a better val accuracy (best.pt keeps the best epoch)")),
     "--augment": Flag("augment", "level", dict(choices=AUGMENT_LEVELS, help="AugReg level: none (the study's), "
-                      "light, medium, heavy; the flags below override its settings")),
+                      "light, medium, heavy (digits), natural-light/-medium/-heavy (crop 4 + flip); the flags below "
+                      "override its settings")),
     "--crop-padding": Flag("augment", "crop_padding", dict(type=int, help="random translation up to N pixels")),
+    "--hflip": Flag("augment", "hflip", dict(action=_BOOL, help="random horizontal flip (natural images; refused "
+                    "on digits and characters)")),
     "--rotate": Flag("augment", "rotate", dict(type=float, help="random rotation up to this many degrees")),
     "--randaug-ops": Flag("augment", "randaug_ops", dict(type=int, help="RandAugment: ops per image (0: off)")),
     "--randaug-magnitude": Flag("augment", "randaug_magnitude", dict(type=int, help="RandAugment magnitude, "

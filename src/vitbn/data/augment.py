@@ -3,17 +3,12 @@
 Every function takes float images in [0, 1] of shape (B, C, H, W), C = 1 or 3, with per-sample parameters as (B,)
 tensors (or scalars, shared by the batch); none loops over samples in Python. ``RandAugment`` draws its ops per
 sample and runs each op once, on the samples that drew it, so a batch costs O(ops) kernels. ``Augmenter`` chains
-what a training step needs: random crop, random rotation, RandAugment, then Mixup or CutMix with soft targets.
+what a training step needs: random crop, horizontal flip, random rotation, RandAugment, then Mixup or CutMix with
+soft targets.
 
-Levels (``LEVELS``) are for digits and characters, so there are no flips anywhere (a flip changes what a glyph is).
-They mirror AugReg's light / medium / heavy, RandAugment(2, 10 / 15 / 20) with Mixup 0 / 0.2 / 0.5, scaled down
-for 28x28 digits, whose 20x20 glyph leaves a 4-pixel margin:
-
-    level    crop_padding  RandAugment (ops, magnitude)  mixup_alpha
-    none     0             off                           0
-    light    2             off                           0
-    medium   2             2, 9                          0.2
-    heavy    2             2, 15                         0.5
+The named levels are configuration (``vitbn.config.AUGMENT_LEVEL_SETTINGS``, re-exported here as ``LEVELS``):
+AugReg's light / medium / heavy scaled down for 28x28 digits (no flips, 2-pixel translations), and natural-* levels
+for natural images (pad-4 random crop and horizontal flip).
 
 Choices worth knowing:
     * Magnitudes follow torchvision's scale (0..30, 30 = an op's largest change): rotate up to 30 degrees, shear up
@@ -39,21 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitbn.config import RANDAUG_MAX_MAGNITUDE, AugmentConfig
+from vitbn.config import AUGMENT_LEVEL_SETTINGS, RANDAUG_MAX_MAGNITUDE, AugmentConfig
 from vitbn.data.loader import epoch_seed
 
 Param = torch.Tensor | float
 Boxes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (top, bottom, left, right), each (B,)
 
-_OFF: dict = dict(
-    crop_padding=0, rotate=0.0, randaug_ops=0, randaug_magnitude=9, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0
-)
-LEVELS: dict[str, dict] = {
-    "none": dict(_OFF),
-    "light": {**_OFF, "crop_padding": 2},
-    "medium": {**_OFF, "crop_padding": 2, "randaug_ops": 2, "randaug_magnitude": 9, "mixup_alpha": 0.2},
-    "heavy": {**_OFF, "crop_padding": 2, "randaug_ops": 2, "randaug_magnitude": 15, "mixup_alpha": 0.5},
-}
+LEVELS = AUGMENT_LEVEL_SETTINGS
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
 SMALL_IMAGE = 32  # images smaller than this (in pixels, either side) get the smaller translation cap
 MODES = ("bilinear", "nearest")
@@ -96,6 +83,12 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     shape, dev = (2, x.shape[0]), generator.device
     d = torch.randint(-padding, padding + 1, shape, generator=generator, device=dev).to(x.device)
     return translate(x, d[0], d[1])
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Mirrors each image left-right with probability ``p`` (one draw per sample)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < p  # (B,)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def affine_matrix(
@@ -373,7 +366,7 @@ class RandAugment:
 
 
 class Augmenter:
-    """A training step's augmentation: crop, rotation, RandAugment, then Mixup or CutMix (``AugmentConfig``).
+    """A training step's augmentation: crop, flip, rotation, RandAugment, then Mixup or CutMix (``AugmentConfig``).
 
     Args:
         cfg: What to apply.
@@ -423,6 +416,8 @@ class Augmenter:
         x = x01 if x01.dtype in (torch.float32, torch.float64) else x01.float()  # half precision: ops in fp32
         if cfg.crop_padding:
             x = random_crop(x, cfg.crop_padding, g)
+        if cfg.hflip:
+            x = random_hflip(x, g)
         if cfg.rotate:
             x = rotate(x, torch.rand(x.shape[0], generator=g, device=g.device) * (2 * cfg.rotate) - cfg.rotate)
         if self.randaug is not None:
@@ -448,6 +443,6 @@ class Augmenter:
 
 __all__ = [
     "LEVELS", "OPS", "Augmenter", "RandAugment", "affine", "affine_matrix", "autocontrast", "brightness", "color",
-    "contrast", "cutmix", "cutmix_boxes", "equalize", "grayscale", "mixup", "posterize", "random_crop", "rotate",
-    "sharpness", "solarize", "translate", "warp",
+    "contrast", "cutmix", "cutmix_boxes", "equalize", "grayscale", "mixup", "posterize", "random_crop", "random_hflip",
+    "rotate", "sharpness", "solarize", "translate", "warp",
 ]  # fmt: skip

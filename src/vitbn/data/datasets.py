@@ -2,20 +2,25 @@
 
 Registered IDX datasets (MNIST, Fashion-MNIST, KMNIST, and any added with ``register_dataset``) live in
 ``<root>/<name>/`` under their official file names; missing files are downloaded from the mirrors and every file is
-MD5-verified before use. ``root`` is the argument, else ``$VITBN_DATA`` (an empty value counts as unset), else
-``~/.cache/vitbn``. Besides the registry: ``digits`` (scikit-learn's bundled 8x8 digits), ``npz:PATH`` and
-``folder:PATH``.
+MD5-verified before use. Archive datasets (CIFAR-10, CIFAR-100 fine and coarse, SVHN with and without ``extra``,
+the EMNIST splits) work the same way with their official archives in ``<root>/<folder>/`` (one folder per archive,
+shared by the datasets read from it), parsed by ``vitbn.data.archives``. ``root`` is the argument, else
+``$VITBN_DATA`` (an empty value counts as unset), else ``~/.cache/vitbn``. Besides the registry: ``digits``
+(scikit-learn's bundled 8x8 digits), ``npz:PATH`` and ``folder:PATH``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vitbn.config import DataConfig
+from vitbn.config import DATASET_INPUTS, DataConfig
+from vitbn.data import archives
 from vitbn.data.base import (
     Dataset,
     PreparedData,
@@ -62,11 +67,26 @@ def _mnist_layout(md5s: tuple[str, str, str, str]) -> dict[str, RemoteFile]:
     return {role: RemoteFile(name, md5) for role, name, md5 in zip(roles, names, md5s)}
 
 
-REGISTRY: dict[str, IDXDataset] = {}
+@dataclass(frozen=True)
+class ArchiveDataset:
+    """A dataset read from official archive files with known MD5s by a ``vitbn.data.archives`` reader."""
+
+    name: str
+    folder: str  # under the data root; the datasets of one archive share it (cifar100 and cifar100-coarse)
+    files: tuple[RemoteFile, ...]
+    mirrors: tuple[str, ...]  # base URLs, tried in order
+    reader: Callable[
+        [dict[str, Path]], tuple[Split, Split, list[str]]
+    ]  # verified paths by name -> train, test, classes
+    shape: tuple[int, int, int]  # (C, H, W) every image must have
+    num_classes: int
 
 
-def register_dataset(spec: IDXDataset, *, replace: bool = False) -> IDXDataset:
-    """Adds an IDX dataset to the registry (``load_dataset(spec.name)`` then finds it).
+REGISTRY: dict[str, IDXDataset | ArchiveDataset] = {}
+
+
+def register_dataset(spec: IDXDataset | ArchiveDataset, *, replace: bool = False) -> IDXDataset | ArchiveDataset:
+    """Adds an IDX or archive dataset to the registry (``load_dataset(spec.name)`` then finds it).
 
     Raises:
         ValueError: The name contains ``:`` (reserved for ``npz:``/``folder:``), is ``digits``, or is already
@@ -139,6 +159,46 @@ register_dataset(
 )
 
 
+_CIFAR = ("https://www.cs.toronto.edu/~kriz/",)
+_SVHN = ("http://ufldl.stanford.edu/housenumbers/",)
+_SVHN_FILES = {
+    "train": RemoteFile("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+    "test": RemoteFile("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+    "extra": RemoteFile("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"),
+}
+_CIFAR10 = RemoteFile("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")
+_CIFAR100 = RemoteFile("cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8")
+_EMNIST = RemoteFile("gzip.zip", "58c8d27c78d21e728a6bc7b3cc06412e")
+EMNIST_SPLITS = {"balanced": 47, "byclass": 62, "letters": 26, "digits": 10, "mnist": 10}  # split -> classes
+
+
+Reader = Callable[[dict[str, Path]], tuple[Split, Split, list[str]]]
+
+
+def _archive(name: str, folder: str, files: tuple[RemoteFile, ...], mirrors: tuple[str, ...], reader: Reader) -> None:
+    """Registers an archive dataset whose shape and class count are those of ``DATASET_INPUTS[name]``."""
+    inputs = DATASET_INPUTS[name]  # the model input a preset takes on this dataset (vitbn.config)
+    side = inputs.get("image_size", 28)
+    shape = (inputs.get("channels", 1), side, side)
+    register_dataset(ArchiveDataset(name, folder, files, mirrors, reader, shape, inputs["num_classes"]))
+
+
+_archive("cifar10", "cifar10", (_CIFAR10,), _CIFAR, archives.read_cifar10)
+_archive("cifar100", "cifar100", (_CIFAR100,), _CIFAR, archives.read_cifar100)
+_archive("cifar100-coarse", "cifar100", (_CIFAR100,), _CIFAR, archives.read_cifar100_coarse)
+_archive("svhn", "svhn", (_SVHN_FILES["train"], _SVHN_FILES["test"]), _SVHN, archives.read_svhn)
+_archive("svhn-extra", "svhn", tuple(_SVHN_FILES.values()), _SVHN, archives.read_svhn_extra)
+
+
+def _read_emnist(paths: dict[str, Path], split: str, count: int) -> tuple[Split, Split, list[str]]:
+    return archives.read_emnist(paths[_EMNIST.name], split, count)
+
+
+for _split, _count in EMNIST_SPLITS.items():
+    _reader = functools.partial(_read_emnist, split=_split, count=_count)
+    _archive(f"emnist-{_split}", "emnist", (_EMNIST,), ("https://biometrics.nist.gov/cs_links/EMNIST/",), _reader)
+
+
 def list_datasets() -> list[str]:
     """The names ``load_dataset`` accepts (besides ``npz:PATH`` and ``folder:PATH``)."""
     return sorted([*REGISTRY, "digits"])
@@ -179,11 +239,28 @@ def load_idx_dataset(spec: IDXDataset, root: str | Path | None = None, download:
     return Dataset(spec.name, train, test, list(spec.classes), mean, std, (c, h, w))
 
 
+def load_archive_dataset(spec: ArchiveDataset, root: str | Path | None = None, download: bool = True) -> Dataset:
+    """Loads an archive dataset from ``<root>/<folder>/``, downloading and verifying its files first; mean and std
+    are computed on the training split."""
+    paths = ensure_files(spec.files, data_root(root) / spec.folder, spec.mirrors, download=download)
+    train, test, classes = spec.reader(paths)
+    source = ", ".join(str(p) for p in paths.values())
+    for split_name, split in (("train", train), ("test", test)):
+        if tuple(split.images.shape[1:]) != spec.shape:
+            got = tuple(split.images.shape[1:])
+            raise UserError(f"{source}: {split_name} images are {got} (C, H, W), {spec.name} has {spec.shape}")
+    if len(train) == 0:
+        raise UserError(f"{source}: the training split of {spec.name} is empty")
+    mean, std = channel_stats(train.images)
+    return Dataset(spec.name, train, test, list(classes), mean, std, spec.shape)
+
+
 def load_dataset(name: str, root: str | Path | None = None, download: bool = True) -> Dataset:
     """Loads a dataset into memory.
 
     Args:
-        name: A registered name (``mnist``, ``fashion-mnist``, ``kmnist``, ...), ``digits``, ``npz:PATH`` or
+        name: A registered name (``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``, ``cifar100``,
+            ``cifar100-coarse``, ``svhn``, ``svhn-extra``, ``emnist-<split>``, ...), ``digits``, ``npz:PATH`` or
             ``folder:PATH`` (PATH relative to the working directory, not to the root).
         root: The data folder for registered datasets; None: ``$VITBN_DATA``, else ``~/.cache/vitbn``.
         download: Download missing files of registered datasets (else they are an error).
@@ -202,7 +279,10 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Tru
     if name == "digits":
         return load_digits_dataset(name)
     if name in REGISTRY:
-        return load_idx_dataset(REGISTRY[name], root, download)
+        spec = REGISTRY[name]
+        if isinstance(spec, ArchiveDataset):
+            return load_archive_dataset(spec, root, download)
+        return load_idx_dataset(spec, root, download)
     raise UserError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}, or npz:PATH, folder:PATH")
 
 

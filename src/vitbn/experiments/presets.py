@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitbn.config import RunConfig, load_yaml, save_yaml, to_dict
+from vitbn.config import VIT_CIFAR, RunConfig, load_yaml, save_yaml, to_dict
 from vitbn.errors import UserError
 from vitbn.models import list_models
 
@@ -299,6 +299,51 @@ _BEST_RUN = _with(
     augment={"level": "light", "rotate": 10.0},
 )  # fmt: skip
 
+# CIFAR-10 (natural 32x32 RGB images; vitbn.config.VIT_CIFAR, the ViT-Lite-7/4-class model of 3.72M parameters).
+# The recipe the from-scratch CIFAR ViTs share: AdamW (weight decay 0.05), label smoothing 0.1, warm-up then cosine
+# decay, batch 128, pad-4 random crop and horizontal flip; the epoch (and in the norms study the lr) is chosen on a
+# stratified 10% validation split and the test set is read once at the end.
+_CIFAR_RUN = _with(
+    STUDY_RUN,
+    data={"dataset": "cifar10", "val_fraction": 0.1, "test_every_epoch": False},
+    train={"batch_size": 128, "eval_batch_size": 1000, "optimizer": "adamw", "weight_decay": 0.05,
+           "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.1},
+    augment={"level": "natural-light"},
+)  # fmt: skip
+_CIFAR_MODELS = [ModelSpec("vit-cifar", 7), ModelSpec("vitbn-cifar", 7)]
+# cifar's budget (a 2-core CPU, under an hour): the first 10000 training images (9000 trained on, 1000 validation),
+# 4 epochs, 5000 test images, the two models: 2 x 9000 x 4 = 72000 training image passes of 1.53 GFLOP each
+# (forward + backward of the 3.72M-parameter model at 65 tokens), about 110 TFLOP, plus 2 x (4 x 1000 + 5000)
+# evaluated images of 0.51 GFLOP (9 TFLOP). The norms experiment's depth-6 MNIST ViT trained at some 80 GFLOP/s on
+# this project's 2-core CPU (101 MFLOP per image pass, about 820 images/s): 25 minutes at that rate, 50 at half of
+# it (estimates from FLOPs, not timed).
+_CIFAR_CPU_RUN = _with(_CIFAR_RUN, data={"train_subset": 10000, "test_subset": 5000}, train={"epochs": 4})
+# cifar-full (for a GPU): Compact Transformers' 300-epoch recipe on a model of their CVT-7/4's size: all 50000
+# images (5000 for validation), AdamW lr 5e-4, 10 warm-up epochs, RandAugment (2, 9), Mixup 0.8 / CutMix 1.0,
+# stochastic depth 0.1, bf16. The target: >= 94% test accuracy (CVT-7/4's at 300 epochs).
+_CIFAR_FULL_RUN = _with(
+    _CIFAR_RUN,
+    model={"drop_path": 0.1},
+    train={"epochs": 300, "warmup_epochs": 10.0, "precision": "bf16"},
+    augment={"level": "natural-heavy", "randaug_magnitude": 9},
+)  # fmt: skip
+# The norms study on CIFAR-10, as ``norms`` on MNIST (the same six variants, lr chosen on validation, 2 seeds). The
+# CPU version trains a narrower model (dim 128, 4 heads of 32, MLP 256, depth 4: 0.55M parameters, 0.23 GFLOP per
+# training image pass) so that its 36 runs fit: 36 runs x 8000 images x 4 epochs = 1.15M image passes, about 270
+# TFLOP, plus 36 x (4 x 2000 + 5000) evaluated images (36 TFLOP): some 65 minutes at the rate above, under two
+# hours down to about 45 GFLOP/s (estimates from FLOPs, not timed).
+_NORMS_CIFAR_MODEL = {"image_size": 32, "patch_size": 4, "channels": 3, "dim": 128, "heads": 4, "dim_head": 32,
+                      "mlp_dim": 256}  # fmt: skip
+_NORMS_CIFAR_RUN = _with(_CIFAR_RUN, model=_NORMS_CIFAR_MODEL,
+                         data={"train_subset": 10000, "test_subset": 5000, "val_fraction": 0.2},
+                         train={"epochs": 4})  # fmt: skip
+_NORMS_CIFAR_FULL_RUN = _with(
+    _CIFAR_RUN,
+    model={k: v for k, v in VIT_CIFAR.items() if k not in ("depth", "num_classes")},
+    train={"epochs": 200, "warmup_epochs": 10.0, "precision": "bf16"},
+    augment={"level": "natural-medium"},
+)  # fmt: skip
+
 PRESETS: dict[str, ExperimentPreset] = {
     p.name: p
     for p in (
@@ -465,6 +510,49 @@ PRESETS: dict[str, ExperimentPreset] = {
             lrs=[0.001],
             seeds=[0, 1],
             run=_with(_BEST_RUN, train={"epochs": 100, "warmup_epochs": 5.0, "precision": "bf16"}),
+        ),
+        ExperimentPreset(
+            name="cifar",
+            description="CIFAR-10 on a 2-core CPU budget: ViT (LayerNorm) and ViTBN of the vit-cifar size (patch 4, "
+            "dim 256, depth 7, 3.72M parameters), AdamW lr 0.001 (weight decay 0.05), 1 warm-up epoch then cosine, "
+            "label smoothing 0.1, pad-4 crop and flip, batch 128, 4 epochs on the first 10000 training images (10% "
+            "for validation, which chooses the epoch), 5000 test images at the end; fp32 (cifar-full is the full "
+            "one).",
+            models=_CIFAR_MODELS,
+            lrs=[0.001],
+            seeds=[0],
+            run=_CIFAR_CPU_RUN,
+        ),
+        ExperimentPreset(
+            name="cifar-full",
+            description="The cifar experiment at full size (for a GPU): 300 epochs on all 50000 images (10% for "
+            "validation), 10 warm-up epochs, lr 0.0005, RandAugment (2, 9), Mixup 0.8 / CutMix 1.0, stochastic "
+            "depth 0.1, bf16; target >= 94% test accuracy with <= 4M parameters (CVT-7/4 at 300 epochs).",
+            models=_CIFAR_MODELS,
+            lrs=[0.0005],
+            seeds=[0],
+            run=_CIFAR_FULL_RUN,
+        ),
+        ExperimentPreset(
+            name="norms-cifar",
+            description="The norms experiment on CIFAR-10 (2-core CPU budget): LayerNorm, RMSNorm, DyT, ViTBNFFN, "
+            "ViTBN and PRepBN on a depth-4 ViT (dim 128, patch 4), AdamW at 3 learning rates, 2 seeds, the lr "
+            "selected on a stratified 20% validation split of the first 10000 training images, 4 epochs, pad-4 crop "
+            "and flip, 5000 test images at the end; fp32 (norms-cifar-full is the full one).",
+            models=_norm_models(4),
+            lrs=[0.0005, 0.001, 0.002],
+            seeds=[0, 1],
+            run=_NORMS_CIFAR_RUN,
+        ),
+        ExperimentPreset(
+            name="norms-cifar-full",
+            description="The norms experiment on CIFAR-10 at full size (for a GPU): the six norms on the vit-cifar "
+            "size (dim 256, depth 7), 200 epochs on all 50000 images (10% for validation, which selects the lr), "
+            "10 warm-up epochs, RandAugment (2, 9) with Mixup 0.2, bf16, 3 learning rates, 2 seeds.",
+            models=_norm_models(7),
+            lrs=[0.0005, 0.001, 0.002],
+            seeds=[0, 1],
+            run=_NORMS_CIFAR_FULL_RUN,
         ),
         ExperimentPreset(
             name="study-tune",
