@@ -311,12 +311,10 @@ _CIFAR_RUN = _with(
     augment={"level": "natural-light"},
 )  # fmt: skip
 _CIFAR_MODELS = [ModelSpec("vit-cifar", 7), ModelSpec("vitbn-cifar", 7)]
-# cifar's budget (a 2-core CPU, under an hour): the first 10000 training images (9000 trained on, 1000 validation),
-# 4 epochs, 5000 test images, the two models: 2 x 9000 x 4 = 72000 training image passes of 1.53 GFLOP each
-# (forward + backward of the 3.72M-parameter model at 65 tokens), about 110 TFLOP, plus 2 x (4 x 1000 + 5000)
-# evaluated images of 0.51 GFLOP (9 TFLOP). The norms experiment's depth-6 MNIST ViT trained at some 80 GFLOP/s on
-# this project's 2-core CPU (101 MFLOP per image pass, about 820 images/s): 25 minutes at that rate, 50 at half of
-# it (estimates from FLOPs, not timed).
+# cifar's budget (meant to finish in under an hour on a 2-core CPU; not yet timed): the first 10000 training images
+# (9000 trained on, 1000 validation), 4 epochs, 5000 test images, the two models: 2 x 9000 x 4 = 72000 training image
+# passes of 1.53 GFLOP each (forward + backward of the 3.72M-parameter model at 65 tokens), about 110 TFLOP, plus
+# 2 x (4 x 1000 + 5000) evaluated images of 0.51 GFLOP (9 TFLOP).
 _CIFAR_CPU_RUN = _with(_CIFAR_RUN, data={"train_subset": 10000, "test_subset": 5000}, train={"epochs": 4})
 # cifar-full (for a GPU): Compact Transformers' 300-epoch recipe on a model of their CVT-7/4's size: all 50000
 # images (5000 for validation), AdamW lr 5e-4, 10 warm-up epochs, RandAugment (2, 9), Mixup 0.8 / CutMix 1.0,
@@ -329,9 +327,8 @@ _CIFAR_FULL_RUN = _with(
 )  # fmt: skip
 # The norms study on CIFAR-10, as ``norms`` on MNIST (the same six variants, lr chosen on validation, 2 seeds). The
 # CPU version trains a narrower model (dim 128, 4 heads of 32, MLP 256, depth 4: 0.55M parameters, 0.23 GFLOP per
-# training image pass) so that its 36 runs fit: 36 runs x 8000 images x 4 epochs = 1.15M image passes, about 270
-# TFLOP, plus 36 x (4 x 2000 + 5000) evaluated images (36 TFLOP): some 65 minutes at the rate above, under two
-# hours down to about 45 GFLOP/s (estimates from FLOPs, not timed).
+# training image pass) so that its 36 runs fit in under two hours (not yet timed): 36 runs x 8000 images x 4 epochs
+# = 1.15M image passes, about 270 TFLOP, plus 36 x (4 x 2000 + 5000) evaluated images (36 TFLOP).
 _NORMS_CIFAR_MODEL = {"image_size": 32, "patch_size": 4, "channels": 3, "dim": 128, "heads": 4, "dim_head": 32,
                       "mlp_dim": 256}  # fmt: skip
 _NORMS_CIFAR_RUN = _with(_CIFAR_RUN, model=_NORMS_CIFAR_MODEL,
