@@ -262,3 +262,13 @@ def test_split_heads_backward_writes_autograds_gradient_without_stacking(branche
     assert torch.autograd.gradgradcheck(
         lambda x: split_heads(x, heads, dim_head, key_term, head_major=head_major)[0], (qkv,)
     )
+
+
+@pytest.mark.parametrize("impl", ["fused", "plain", "auto"])
+def test_a_compiled_training_step_is_one_graph(impl):
+    """Nothing in the attention breaks the graph of a compiled training step (fullgraph=True raises on a break)."""
+    model = create_model("vit", depth=1, dim=16, heads=2, dim_head=8, mlp_dim=32, attn_impl=impl).train()
+    net = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(4, 1, 28, 28)
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -210,10 +210,11 @@ def split_heads(
     contiguous (3, B, K*H, N, Dh) layout (the batched products' input); else they are strided views (the fused
     kernel reads them in place). When a gradient is needed (and no graph is being captured), the backward writes
     the three gradients into the projection's layout directly (``_SplitHeads``; out of place under vmap)."""
-    transformed = torch._C._are_functorch_transforms_active() or _vmapped(qkv)  # torch.func / vectorized autograd
-    if torch.is_grad_enabled() and qkv.requires_grad and not _capturing() and not transformed:
-        return _SplitHeads.apply(qkv, heads, dim_head, key_term, head_major)
-    return _split(qkv, heads, dim_head, key_term, head_major)
+    if not (torch.is_grad_enabled() and qkv.requires_grad) or _capturing():  # a graph being captured: plain ops
+        return _split(qkv, heads, dim_head, key_term, head_major)
+    if torch._C._are_functorch_transforms_active() or _vmapped(qkv):  # torch.func, vectorized autograd
+        return _split(qkv, heads, dim_head, key_term, head_major)
+    return _SplitHeads.apply(qkv, heads, dim_head, key_term, head_major)
 
 
 _HALF = (torch.bfloat16, torch.float16)
