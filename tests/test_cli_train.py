@@ -121,3 +121,26 @@ def test_ctrl_c_leaves_a_killed_run_that_resumes(tmp_path, monkeypatch):
 def test_bad_flag_values_are_one_line(flag, capsys):
     assert main(["train", flag, "0", "--no-track"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_train_without_model_builds_and_names_the_vit_preset(tmp_path, capsys):
+    """The run is named by its preset (it used to be "custom", which `vitbn serve` does not look for)."""
+    from vitbn.config import ModelConfig
+    from vitbn.serve.predictor import find_study_models
+
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert cfg.model == ModelConfig.from_preset("vit") and cfg.model.name == "vit"
+    argv = ["train", *TINY, "--dim", "16", "--heads", "2", "--dim-head", "8", "--mlp-dim", "32", "--epochs", "1",
+            "--max-steps", "1", "--no-track", "--out-dir", str(tmp_path), "--run-name", "plain",
+            "--progress", "none"]  # fmt: skip
+    assert main(argv) == 0
+    assert find_study_models(tmp_path) == [tmp_path / "plain" / "model.pt"]
+    assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["model"]["name"] == "vit"
+
+
+def test_train_image_size_flag_fits_the_model_to_small_images(tmp_path, capsys):
+    cfg = config_from_args(build_parser().parse_args(["train", "--image-size", "8", "--patch-size", "4",
+                                                      "--channels", "3", "--num-classes", "5"]))  # fmt: skip
+    assert (cfg.model.image_size, cfg.model.patch_size, cfg.model.channels, cfg.model.num_classes) == (8, 4, 3, 5)
+    cfg = config_from_args(build_parser().parse_args(["train", "--image-size", "8x12", "--patch-size", "4"]))
+    assert tuple(cfg.model.image_size) == (8, 12)

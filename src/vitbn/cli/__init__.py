@@ -16,8 +16,9 @@ MODULES = ("models", "train", "finetune", "experiment", "report", "bn", "bench",
 
 def build_parser() -> argparse.ArgumentParser:
     from vitbn import __version__
+    from vitbn.cli.parser import VitbnParser
 
-    parser = argparse.ArgumentParser(prog="vitbn", description="Vision Transformers with LayerNorm and BatchNorm.")
+    parser = VitbnParser(prog="vitbn", description="Vision Transformers with LayerNorm and BatchNorm.")
     parser.add_argument("--version", action="version", version=f"vitbn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in MODULES:
@@ -32,12 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vitbn.cli.parser import subcommand_parser
     from vitbn.errors import UserError
     from vitbn.provenance import invoked_as
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    invoked_as(sys.argv[1:] if argv is None else argv)  # the command a page written by this call names
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the sub-command's parser, with its usage
+        subcommand_parser(parser, argv).error(f"unrecognized arguments: {' '.join(unknown)}")
+    invoked_as(argv)  # the command a page written by this call names
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -46,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError) as exc:
         if os.environ.get("VITBN_DEBUG"):
             raise
-        from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, flag_error
+        from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, SHAPE_FLAGS, flag_error
 
-        print(f"vitbn {args.command}: error: {flag_error(str(exc), args, (MODEL_FLAGS, RUN_FLAGS))}", file=sys.stderr)
+        message = flag_error(str(exc), args, (MODEL_FLAGS, SHAPE_FLAGS, RUN_FLAGS))
+        print(f"vitbn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitbn {args.command}: interrupted", file=sys.stderr)

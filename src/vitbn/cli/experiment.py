@@ -37,7 +37,12 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (values, e.g. --seeds 0 1 2)")
     add_flags(parser, flags)
     parser.add_argument("--report-dir", default=None, help="afterwards, build the report into this folder")
-    parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="per-epoch output: bar (on stderr), lines (on stdout) or none; auto: bar on a terminal, else lines",
+    )
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
 
 

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--runs-dir", default="runs", help="where `vitbn train` and `make run` write runs (default runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on; 0: any free port (the URL printed says which)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     p.set_defaults(func=run)
 

@@ -7,37 +7,44 @@ import argparse
 import shlex
 import sys
 
-from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, add_flags, dest, given
+from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, SHAPE_FLAGS, add_flags, dest, given
 from vitbn.config import DEVICES, PRECISIONS, RunConfig, load_yaml
 from vitbn.errors import UserError
 
 SECTIONS = ("model", "data", "train", "track", "hpo", "augment")
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+DEFAULT_MODEL = "vit"  # the preset a run without --model (and without model.name in --config) starts from
 
 # The model knobs and the run settings, from the table ``vitbn experiment`` and ``vitbn bench`` share too.
-FLAGS = {**MODEL_FLAGS, **RUN_FLAGS}
+FLAGS = {**MODEL_FLAGS, **SHAPE_FLAGS, **RUN_FLAGS}
 
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train one model (flags and/or --config FILE.yaml)")
     train.add_argument("--config", metavar="FILE", help="YAML with sections model/data/train/track/hpo/augment")
-    add_flags(train.add_argument_group("model (see `vitbn models`)"), MODEL_FLAGS)
-    add_flags(train.add_argument_group("data, training, tracking"), RUN_FLAGS)
+    shown = RunConfig.from_dict({"model": {"name": DEFAULT_MODEL}}).to_dict()
+    add_flags(train.add_argument_group("model (see `vitbn models`)"), {**MODEL_FLAGS, **SHAPE_FLAGS}, shown)
+    add_flags(train.add_argument_group("data, training, tracking"), RUN_FLAGS, shown)
     train.add_argument("--no-track", action="store_true", help="no MLflow (metrics stay in memory and the run folder)")
-    train.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    train.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="per-epoch output: bar (on stderr), lines (on stdout) or none; auto: bar on a terminal, else lines",
+    )
     train.set_defaults(func=run_train)
 
     ev = subparsers.add_parser("eval", help="evaluate a saved model (model.pt) on a test set")
     ev.add_argument("model", metavar="MODEL", help="a model.pt written by `vitbn train`, or a delta.pt (with --base)")
     ev.add_argument("--base", metavar="BASE", help="the model a delta.pt of `vitbn finetune` was fine-tuned from")
-    ev.add_argument("--dataset", default="mnist")
-    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--dataset", default="mnist", help="mnist, a registered dataset, npz:PATH or folder:PATH")
+    ev.add_argument("--data-root", default=None, help="folder holding <dataset>/ ($VITBN_DATA when not given)")
     ev.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
     ev.add_argument("--image-size", type=int, default=None, help="resize the images to NxN (as `vitbn finetune`)")
-    ev.add_argument("--batch-size", type=int, default=5000)
-    ev.add_argument("--device", choices=DEVICES, default="auto")
-    ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    ev.add_argument("--batch-size", type=int, default=5000, help="images per evaluation batch")
+    ev.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, else mps, else cpu")
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16/fp16 autocast")
     ev.add_argument("--fuse-bn", action="store_true", help="fold BatchNorms into the linear layers first")
     ev.set_defaults(func=run_eval)
 
@@ -51,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if not isinstance(section, dict):
             raise UserError(f"config file {args.config}: section {name!r} must be a mapping")
         merged[name] = dict(section)
+    merged["model"].setdefault("name", DEFAULT_MODEL)  # named by its preset, so that `vitbn serve` finds it
     for section, values in given(args, FLAGS).items():
         merged[section].update(values)
     if args.no_track:
