@@ -10,15 +10,16 @@ def register(subparsers) -> None:
         "serve",
         help="the browser demo: draw a digit and see ViT, ViTBNFFN and ViTBN name it (JSON API too)",
         description="Loads the models once (BatchNorm folded, eval mode) and serves the page and /api/predict. "
-        "Without --checkpoint: for each of vit, vitbnffn and vitbn, the model `vitbn experiment best` kept in "
-        "--runs-dir/demo/ (the best on validation), else the newest under --runs-dir.",
+        "Without --checkpoint: for each of vit, vitbnffn and vitbn, the MNIST model under --runs-dir (its model.pt "
+        "files and those `vitbn experiment best` kept in demo/) with the best validation accuracy, else test "
+        "accuracy; it says which it chose and which names it found none of.",
     )
     p.add_argument(
         "--checkpoint",
         action="append",
         default=[],
         metavar="FILE",
-        help="a model.pt or run folder (repeatable); default: RUNS_DIR/demo/<name>.pt, else the newest study models",
+        help="a model.pt or run folder (repeatable); default: the best MNIST model per study name under RUNS_DIR",
     )
     p.add_argument("--runs-dir", default="runs", help="where `vitbn train` and `make run` write runs (default runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -34,15 +35,23 @@ def load_predictors(args: argparse.Namespace) -> list:
     from pathlib import Path
 
     from vitbn.errors import UserError
-    from vitbn.serve.predictor import STUDY_MODELS, Predictor, find_study_models
+    from vitbn.serve.predictor import STUDY_MODELS, Predictor, choose_study_models
 
-    paths = [Path(c) for c in args.checkpoint] or find_study_models(args.runs_dir)
-    if not paths:
+    if args.checkpoint:
+        return [Predictor.load(Path(c)) for c in args.checkpoint]
+    chosen, counts = choose_study_models(args.runs_dir)
+    if not chosen:
         raise UserError(
-            f"no trained {'/'.join(STUDY_MODELS)} model under {args.runs_dir}/: run `make run` (or `vitbn train "
-            "--model vit`) first, or pass --checkpoint FILE"
+            f"no trained {'/'.join(STUDY_MODELS)} model of MNIST under {args.runs_dir}/: run `make run` (or `vitbn "
+            "train --model vit`) first, or pass --checkpoint FILE"
         )
-    return [Predictor.load(p) for p in paths]
+    for name in STUDY_MODELS:
+        if name in chosen:
+            c = chosen[name]
+            print(f"{name}: chose {c.path} ({c.describe()}; the best of {counts[name]} MNIST {name} model(s))")
+        else:
+            print(f"{name}: no MNIST {name} model under {args.runs_dir}/ (`vitbn train --model {name}` makes one)")
+    return [Predictor.load(c.path) for c in chosen.values()]
 
 
 def run(args: argparse.Namespace) -> int:
