@@ -130,7 +130,10 @@ def test_serve_refuses_missing_corrupt_or_absent_models_in_one_line(tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.pt").write_bytes(b"corrupt")
     assert main(["serve", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err
+        == f"vitbn serve: error: not a vitbn model file: {tmp_path / 'bad.pt'} (it holds no PyTorch weights)\n"
+    )
     assert main(["serve", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no trained vit/vitbnffn/vitbn model" in err and "make run" in err and err.count("\n") == 1
