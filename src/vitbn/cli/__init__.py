@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # Sub-command modules, in the order ``vitbn --help`` lists them.
 MODULES = ("models", "train", "finetune", "experiment", "report", "bn", "bench", "analyze", "predict", "export",
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except (UserError, ValueError) as exc:
         if os.environ.get("VITBN_DEBUG"):
             raise
@@ -59,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitbn {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(command: str):
+    """``warnings.showwarning`` for the CLI: ``vitbn CMD: warning: <first line>``, without the file, line number and
+    source line that Python's default quotes (noise to a user)."""
+    from vitbn.errors import first_line
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(
+            f"vitbn {command}: warning: {first_line(message) if isinstance(message, Warning) else message}",
+            file=file or sys.stderr,
+        )
+
+    return show
 
 
 def console_main() -> int:

@@ -4,6 +4,7 @@ on a test set)."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -50,8 +51,11 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config file (if any) with the given flags written over it."""
+    """The config file (if any) with the given flags written over it. ``--resume`` without ``--config`` starts from
+    the run's own ``config.yaml``, so that only the flags given change it."""
     data = load_yaml(args.config) if args.config else {}
+    if getattr(args, "resume", None) and not args.config:
+        data = resumed_config(args)
     merged = dict(data)
     for name in SECTIONS:
         section = data.get(name) or {}
@@ -64,6 +68,39 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.no_track:
         merged["track"]["enabled"] = False
     return RunConfig.from_dict(merged)
+
+
+def resumed_config(args: argparse.Namespace) -> dict:
+    """The ``config.yaml`` of the run that ``--run-name`` names under ``--out-dir`` ({} when the run folder has
+    none).
+
+    Raises:
+        UserError: no ``--run-name``, or no such run folder (a misspelled name must not start a new run).
+    """
+    from pathlib import Path
+
+    from vitbn.config import TrainConfig
+
+    if not args.run_name:
+        raise UserError("--resume needs --run-name NAME: the run to continue")
+    root = Path(args.out_dir or TrainConfig.out_dir)
+    folder = root / args.run_name
+    if not folder.is_dir():
+        runs = sorted(p.name for p in root.iterdir() if (p / "config.yaml").is_file()) if root.is_dir() else []
+        there = f"runs there: {', '.join(runs[:10])}{' ...' if len(runs) > 10 else ''}" if runs else "it holds none"
+        raise UserError(f"--resume: no run {args.run_name!r} under {root}/ ({there})")
+    return load_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+
+
+def resume_changes(args: argparse.Namespace, config: RunConfig) -> list[str]:
+    """``key old -> new`` for each setting of the run's ``config.yaml`` that the flags given with ``--resume``
+    change (``train.resume`` itself left out)."""
+    from vitbn.config import flatten
+
+    if not getattr(args, "resume", None) or args.config:
+        return []
+    old, new = flatten(resumed_config(args)), flatten(config.to_dict())
+    return [f"{k} {old[k]} -> {new[k]}" for k in old if k in new and old[k] != new[k] and k != "train.resume"]
 
 
 def resume_command(args: argparse.Namespace, run_name: str, command: list[str] | None = None) -> str:
@@ -93,6 +130,9 @@ def run_train(args: argparse.Namespace) -> int:
     from vitbn.engine.distributed import destroy_distributed, is_main_process
 
     config = config_from_args(args)
+    changes = resume_changes(args, config)
+    if changes and os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun rank
+        print(f"vitbn train: resuming {config.track.run_name} with changed settings: {', '.join(changes)}")
     result = None
     try:
         result = fit(config, progress=args.progress)
