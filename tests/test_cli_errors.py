@@ -1,6 +1,13 @@
-"""One-line errors of the CLI for what a newcomer gets wrong: a corrupt model file, ..."""
+"""One-line errors of the CLI for what a newcomer runs into: a corrupt model file, Ctrl-C during start-up, a
+closed pipe."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,3 +32,47 @@ def test_a_corrupt_file_is_not_a_vitbn_model_file_and_gets_no_weights_only_advic
         assert capsys.readouterr().err == (
             f"vitbn {argv[0]}: error: not a vitbn model file: {bad} (it holds no PyTorch weights)\n"
         )
+
+
+def _vitbn(*argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vitbn", *argv], stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_ctrl_c_while_pytorch_is_imported_is_one_line(monkeypatch, capsys):
+    """Before a sub-command runs, the start-up imports PyTorch (a second or more): Ctrl-C there used to print a
+    20-line traceback from inside importlib."""
+    import vitbn.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.console_main() == 130
+    assert capsys.readouterr().err == "vitbn: interrupted\n"
+    proc = _vitbn("models")  # the real thing: SIGINT once libtorch is being loaded
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and "libtorch" not in Path(maps).read_text():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.rstrip().endswith("interrupted"), err
+
+
+def test_a_reader_closing_the_pipe_early_gets_no_traceback():
+    """``vitbn models | head -c 10``: the output ends quietly with 141 (128 + SIGPIPE) instead of a
+    BrokenPipeError traceback."""
+    proc = _vitbn("models", stdout=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes anything
+    err = proc.communicate(timeout=120)[1]
+    assert (proc.returncode, err) == (141, "")
+
+
+def test_import_vitbn_does_not_import_torch():
+    code = (
+        "import sys, vitbn, vitbn.cli; print('torch' in sys.modules, vitbn.__version__); vitbn.ViT; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "0.1.0", "True"]

@@ -79,10 +79,21 @@ def _one_line_warning(command: str):
 
 
 def console_main() -> int:
-    """The ``vitbn`` script: ``main``, and a rank of a distributed run leaves with ``exit_process``."""
+    """The ``vitbn`` script: ``main``, and a rank of a distributed run leaves with ``exit_process``. Ctrl-C before a
+    sub-command runs (while PyTorch is imported) is one line and 130; a reader that closes the pipe early
+    (``vitbn predict ... --json | head``) ends the output quietly."""
+    try:
+        code = main()
+        sys.stdout.flush()  # here, where a closed pipe can be caught, rather than at the interpreter's exit
+    except KeyboardInterrupt:
+        print("vitbn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141  # 128 + SIGPIPE, as a shell reports a process that a closed pipe ended
     from vitbn.engine.distributed import exit_process
 
-    return exit_process(main())
+    return exit_process(code)
 
 
 if __name__ == "__main__":
