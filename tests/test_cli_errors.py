@@ -76,3 +76,29 @@ def test_import_vitbn_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "0.1.0", "True"]
+
+
+def test_report_on_an_unreachable_server_does_not_suggest_no_track(capsys):
+    assert main(["report", "quick", "--tracking-uri", "http://127.0.0.1:9"]) == 2  # port 9: nothing listens
+    err = capsys.readouterr().err
+    assert err.startswith("vitbn report: error: MLflow tracking server http://127.0.0.1:9 is not reachable (")
+    assert err.endswith("); start it or pass another --tracking-uri\n") and err.count("\n") == 1
+
+
+def test_a_name_of_two_parent_runs_says_which_it_uses(tmp_path):
+    from mlflow import MlflowClient
+
+    from vitbn.experiments.runs import resolve_parent
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    eid = client.create_experiment("e")
+    ids = []
+    for start in (1000, 2000):
+        run = client.create_run(eid, start_time=start, tags={"vitbn.role": "parent"}, run_name="quick")
+        ids.append(run.info.run_id)
+    with pytest.warns(UserWarning) as caught:
+        assert resolve_parent(client, "quick").info.run_id == ids[1]
+    assert [str(w.message) for w in caught] == [
+        f"2 experiment runs match 'quick': using the newest, {ids[1]}; name another by its run id ({ids[0]})"
+    ]
+    assert resolve_parent(client, ids[0]).info.run_id == ids[0]

@@ -315,7 +315,7 @@ def build_report(
     Besides the page it writes ``data.json``: the run set it shows and the provenance, from which
     ``render_saved`` (``vitbn report --from``) renders the same page without the MLflow store.
     """
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri, reading=True)
     parent = resolve_parent(client, key, experiment)
     if parent.data.tags.get("vitbn.role") != "parent":
         raise UserError(f"run {key} is not an experiment's parent run (made by `vitbn experiment`)")
