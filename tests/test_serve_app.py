@@ -44,7 +44,8 @@ def test_health_and_models(client, demo_models):
     assert [m["bn_folded"] for m in models] == [False, True]
     vitbn, _ = load_inference(demo_models["paths"][1])
     folded = sum(p.numel() for p in Predictor.load(demo_models["paths"][1]).model.parameters())
-    assert models[1]["params"] == folded < sum(p.numel() for p in vitbn.parameters())  # BN folded away
+    trained = sum(p.numel() for p in vitbn.parameters())
+    assert (models[1]["params"], models[1]["params_served"]) == (trained, folded) and folded < trained  # BN folded
     assert models[1]["classes"] == [str(k) for k in range(10)] and models[1]["input"]["height"] == 28
     page = client.get("/")
     assert page.status_code == 200 and "canvas" in page.text

@@ -124,3 +124,49 @@ def test_every_error_answer_is_json(client):
     assert (r.status_code, r.json()) == (405, {"error": "GET is not allowed on /api/predict"})
     assert "POST" in r.headers["allow"]
     assert client.get("/static/missing.js").json() == {"error": "no such path: /static/missing.js"}
+
+
+def test_api_and_eval_count_the_same_parameters(demo_models, capsys):
+    """One model, one count: /api/models says what `vitbn eval` says (it used to give the BN-folded model's)."""
+    path = demo_models["paths"][1]  # the vitbn model: folding changes its parameters
+    assert main(["eval", str(path), "--test-subset", "10"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    with TestClient(create_app([Predictor.load(path)])) as c:
+        (model,) = c.get("/api/models").json()["models"]
+    assert model["name"] == "vitbn" and model["params_served"] != model["params"]
+    assert f"(vitbn, {model['params']:,} parameters)" in first
+
+
+def test_serve_on_a_busy_port_is_one_line_and_prints_no_url(demo_models, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(demo_models["paths"][0]), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "http://" not in out
+    assert err == (
+        f"vitbn serve: error: port {port} on 127.0.0.1 is in use: stop what listens there, or pass another --port "
+        "(0: any free port)\n"
+    )
+
+
+def test_serve_port_0_prints_the_port_it_listens_on(demo_models):
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "vitbn", "serve", "--checkpoint", str(demo_models["paths"][0]), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("vitbn serve:"):  # the model's line, then the URL
+            lines.append(proc.stdout.readline())
+        assert lines[0].startswith("model vit") and len(lines) == 2, lines
+        url = lines[-1].split()[2]
+        assert lines[-1] == f"vitbn serve: {url}  (Ctrl-C stops)\n" and not url.endswith(":0/"), lines
+        with urllib.request.urlopen(url + "healthz", timeout=30) as answer:  # at once: it listens already
+            assert json.loads(answer.read()) == {"status": "ok", "models": 1}
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -61,13 +61,47 @@ def run(args: argparse.Namespace) -> int:
     from vitbn.errors import UserError
     from vitbn.serve.app import create_app
 
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port} must be in 1..65535")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port} must be in 0..65535 (0: any free port)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     predictors = load_predictors(args)
     for p in predictors:
-        print(f"model {p.name:<10} {p.params:>9,} parameters  {p.source}" + (f"  ({p.note})" if p.note else ""))
-    print(f"vitbn serve: http://{args.host}:{args.port}/  (Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(predictors), host=args.host, port=args.port, log_level="warning")
+        served = f" ({p.served_params:,} served)" if p.served_params != p.params else ""
+        print(f"model {p.name:<10} {p.params:>9,} parameters{served}  {p.source}" + (f"  ({p.note})" if p.note else ""))
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"vitbn serve: http://{_url_host(host)}:{port}/  (Ctrl-C stops)", flush=True)
+    config = uvicorn.Config(create_app(predictors), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int):
+    """A socket bound to ``host:port`` (0: a free port the system picks) and listening, so that the URL printed
+    after it answers; a port in use is one line of UserError before anything is printed."""
+    import errno
+    import socket
+
+    from vitbn.errors import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use: stop what listens there, or pass another --port "
+                            "(0: any free port)") from None  # fmt: skip
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    sock.listen(2048)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -2,7 +2,8 @@
 
 - ``GET /`` the page (``static/index.html`` with its script and style, no build step);
 - ``GET /healthz`` ``{"status": "ok", "models": N}``;
-- ``GET /api/models`` the loaded models: id, name, source file, parameters, FLOPs per image, input, classes;
+- ``GET /api/models`` the loaded models: id, name, source file, parameters (as trained, as ``vitbn eval`` counts
+  them; ``params_served``: after folding), FLOPs per image, input, classes;
 - ``POST /api/predict`` an image, as raw bytes (``Content-Type: image/png``, ``image/jpeg``, ...) or as JSON
   ``{"image": "<base64 or data: URL>", "top_k": 3}``; ``?top_k=N`` also works. The answer holds, per model, the
   top classes, all probabilities, the latency of its forward pass, the preprocessed input it saw and the
@@ -49,6 +50,7 @@ def model_info(index: int, p: Predictor) -> dict:
         "name": p.name,
         "source": p.source,
         "params": p.params,
+        "params_served": p.served_params,
         "flops": p.flops,
         "bn_folded": p.folded,
         "note": p.note,

@@ -44,9 +44,10 @@ class Predictor:
     source: str
     folded: bool  # some BatchNorm was folded into its Linear
     note: str = ""  # what folding left, or why it could not fold
-    params: int = 0
+    params: int = 0  # the trained model's, as `vitbn eval` and `vitbn models` count them
     flops: int = 0
     name: str = ""  # the trained model's name (the folded copy's config names its folded norms "none")
+    served_params: int = 0  # those of the model served (BatchNorm folded: its affine maps merged into Linear)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -59,7 +60,7 @@ class Predictor:
         from vitbn.models import count_params, forward_flops
 
         model, spec = load_inference(path)
-        name, folded, note = model.config.name, False, ""
+        name, folded, note, params = model.config.name, False, "", count_params(model)
         if fuse:
             try:
                 fused = fuse_bn(model)
@@ -68,7 +69,7 @@ class Predictor:
             except ValueError as exc:
                 note = f"served unfolded: {exc}"
         model.eval().requires_grad_(False)
-        return cls(model, spec, str(path), folded, note, count_params(model), forward_flops(model), name)
+        return cls(model, spec, str(path), folded, note, params, forward_flops(model), name, count_params(model))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
