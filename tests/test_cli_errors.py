@@ -102,3 +102,18 @@ def test_a_name_of_two_parent_runs_says_which_it_uses(tmp_path):
         f"2 experiment runs match 'quick': using the newest, {ids[1]}; name another by its run id ({ids[0]})"
     ]
     assert resolve_parent(client, ids[0]).info.run_id == ids[0]
+
+
+def test_lr_inf_is_refused_naming_the_flag(capsys):
+    assert main(["train", "--no-track", "--lr", "inf"]) == 2
+    assert capsys.readouterr().err == "vitbn train: error: --lr: lr=inf must be a finite number > 0\n"
+
+
+def test_a_subset_beyond_the_split_is_said(data_root):
+    from vitbn.config import DataConfig
+    from vitbn.data import prepare_data
+
+    with pytest.warns(UserWarning) as caught:
+        data = prepare_data(DataConfig(dataset="mnist", root=str(data_root), train_subset=100, test_subset=20000))
+    assert [str(w.message) for w in caught] == ["test_subset=20000: mnist has 10000 test images; using all 10000"]
+    assert (len(data.train), len(data.test)) == (100, 10000)
