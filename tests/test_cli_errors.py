@@ -117,3 +117,18 @@ def test_a_subset_beyond_the_split_is_said(data_root):
         data = prepare_data(DataConfig(dataset="mnist", root=str(data_root), train_subset=100, test_subset=20000))
     assert [str(w.message) for w in caught] == ["test_subset=20000: mnist has 10000 test images; using all 10000"]
     assert (len(data.train), len(data.test)) == (100, 10000)
+
+
+def test_an_interrupted_experiment_prints_how_to_resume(monkeypatch, tmp_path, capsys):
+    import vitbn.experiments.lr_sweep as lr_sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lr_sweep, "run_lr_sweep", interrupted)
+    argv = ["experiment", "lr-sweep", "--epochs", "1", "--out-dir", str(tmp_path)]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        f"vitbn experiment: interrupted; resume with the same command: vitbn experiment lr-sweep --epochs 1 "
+        f"--out-dir {tmp_path}\n"
+    )
