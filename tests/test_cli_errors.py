@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,24 @@ def test_an_interrupted_experiment_prints_how_to_resume(monkeypatch, tmp_path, c
         f"vitbn experiment: interrupted; resume with the same command: vitbn experiment lr-sweep --epochs 1 "
         f"--out-dir {tmp_path}\n"
     )
+
+
+def test_an_implausible_time_ratio_is_warned():
+    """r_t = T(ViT) / T(model): a model whose epochs took 14.2x the ViT's gives g_t = -1320%; the report warns."""
+    import pandas as pd
+
+    from vitbn.report.tables import add_ratios
+
+    ref = pd.Series({"model": "vit", "depth": 6, "t_train": 10.0, "t_test": 1.0, "flops": 100.0})
+    row = {"model": "vitbn", "depth": 6, "t_train": 142.0, "t_test": 1.1, "flops": 100.0}
+    with pytest.warns(UserWarning) as caught:
+        out = add_ratios(row, ref)
+    assert out["g_t"] == pytest.approx(-1320.0) and out["g_v"] == pytest.approx(100 * (1 - 1.1))
+    assert [str(w.message) for w in caught] == [
+        "g_t -1320.0% for ViTBN (depth 6): its training epochs took 14.20x as long as ViT (depth 6)'s, beyond 3x "
+        "either way; the "
+        "timings were likely disturbed by other load on the machine: measure again on a quiet one"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_ratios({**row, "t_train": 25.0}, ref)  # 2.5x: plausible, silent
