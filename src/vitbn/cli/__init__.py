@@ -11,8 +11,8 @@ import sys
 import warnings
 
 # Sub-command modules, in the order ``vitbn --help`` lists them.
-MODULES = ("models", "train", "finetune", "experiment", "report", "bn", "bench", "analyze", "predict", "export",
-           "serve")  # fmt: skip
+MODULES = ("models", "train", "finetune", "experiment", "report", "compare", "bn", "bench", "analyze", "predict",
+           "export", "serve")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,8 +156,26 @@ def run_train(args: argparse.Namespace) -> int:
             )
         return EXIT_INTERRUPTED
     if main:
-        print(_summary(result, config))
+        curves = log_curves(result, config)
+        print(_summary(result, config) + (f"; curves {curves}" if curves else ""))
     return 0
+
+
+def log_curves(result, config: RunConfig):
+    """Writes the run's curves figure (``vitbn.report.compare.run_curves``) into its folder and logs it to the
+    run's MLflow run; returns its path (None when the run has no epochs)."""
+    from vitbn.report.compare import run_curves
+
+    if not result.history:
+        return None
+    path = run_curves(result.out_dir)
+    if config.track.enabled and result.run_id:
+        from mlflow.tracking import MlflowClient
+
+        from vitbn.tracking import resolve_tracking_uri
+
+        MlflowClient(resolve_tracking_uri(config.track.tracking_uri)).log_artifact(result.run_id, str(path))
+    return path
 
 
 def _summary(result, config: RunConfig) -> str:
