@@ -230,7 +230,11 @@ def test_cli_missing_or_corrupt_checkpoint_is_one_line(tmp_path, capsys, content
         path.write_bytes(content)
     assert main(["export", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"vitbn export: error: model file {path} ")
+    assert err == (
+        f"vitbn export: error: model file {path} does not exist\n"
+        if content is None
+        else f"vitbn export: error: not a vitbn model file: {path} (it holds no PyTorch weights)\n"
+    )
 
 
 def test_cli_names_the_export_extra_when_onnxruntime_is_missing(tmp_path, capsys, monkeypatch):
