@@ -17,7 +17,7 @@ from vitbn.errors import UserError
 CURVES_NAME = "curves.png"
 # Settings that name a run rather than describe it: not listed as differences.
 NOT_SETTINGS = ("track.run_name", "train.resume")
-ACC_LABEL = {"acc": "validation accuracy (test where a run has no validation split)"}
+ACC_LABEL = {"acc": "accuracy (val, else test)", "test_s": "evaluation seconds per epoch"}
 
 
 @dataclass
