@@ -229,7 +229,7 @@ def test_not_a_checkpoint_and_a_dataset_that_does_not_fit_are_one_line_errors(tm
     (tmp_path / "text.pt").write_text("not a model")
     assert main(["analyze", str(tmp_path / "text.pt"), "--no-track"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"vitbn analyze: error: model file {tmp_path / 'text.pt'} cannot be read: ")
+    assert err.startswith(f"vitbn analyze: error: not a vitbn model file: {tmp_path / 'text.pt'} (")
     assert err.count("\n") == 1
 
     path = _tiny_mnist_model(tmp_path, 8)  # an 8x8 model whose file says it takes MNIST

@@ -28,7 +28,9 @@ def test_flatten_gives_dotted_keys():
         ({"trian": {}}, r"unknown config section\(s\) \['trian'\]; allowed: model, data, train, track, hpo"),
         ({"train": {"learning_rate": 1}}, r"unknown TrainConfig field\(s\) \['learning_rate'\]; allowed: epochs"),
         ({"train": {"optimizer": "lamb"}}, r"optimizer='lamb' is not one of 'adam', 'adamw', 'sgd'"),
-        ({"train": {"lr": 0}}, r"lr=0 must be > 0"),
+        ({"train": {"lr": 0}}, r"lr=0 must be a finite number > 0"),
+        ({"train": {"lr": float("inf")}}, r"lr=inf must be a finite number > 0"),
+        ({"train": {"lr": float("nan")}}, r"lr=nan must be a finite number > 0"),
         ({"train": {"batch_size": 0}}, r"batch_size=0 must be a positive integer"),
         ({"train": {"precision": "fp8"}}, r"precision='fp8' is not one of 'fp32', 'bf16', 'fp16'"),
         (

@@ -373,7 +373,7 @@ def test_what_is_not_a_vitbn_model_is_refused(tmp_path):
         finetune(tmp_path / "timm.pth", run_config(tmp_path), part="attn")
     with pytest.raises(UserError, match=r"rn.pt does not match its config: unknown ModelConfig field\(s\) \['arch'\]"):
         finetune(tmp_path / "rn.pt", run_config(tmp_path), part="attn")
-    with pytest.raises(UserError, match=r"text.pt cannot be read"):
+    with pytest.raises(UserError, match=r"not a vitbn model file: .*text.pt"):
         load_model(tmp_path / "text.pt")
     tracker = MemoryTracker()
     parent = tracker.start_run("sweep")

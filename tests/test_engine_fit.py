@@ -332,5 +332,5 @@ def test_evaluate_and_model_export(tmp_path, data):
     with pytest.raises(UserError, match="model file .*nope.pt does not exist"):
         load_model(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a model")
-    with pytest.raises(UserError, match="model file .*bad.pt cannot be read"):
+    with pytest.raises(UserError, match=r"^not a vitbn model file: .*bad.pt \(it holds no PyTorch weights\)$"):
         load_model(tmp_path / "bad.pt")

@@ -230,7 +230,11 @@ def test_cli_missing_or_corrupt_checkpoint_is_one_line(tmp_path, capsys, content
         path.write_bytes(content)
     assert main(["export", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"vitbn export: error: model file {path} ")
+    assert err == (
+        f"vitbn export: error: model file {path} does not exist\n"
+        if content is None
+        else f"vitbn export: error: not a vitbn model file: {path} (it holds no PyTorch weights)\n"
+    )
 
 
 def test_cli_names_the_export_extra_when_onnxruntime_is_missing(tmp_path, capsys, monkeypatch):
@@ -242,3 +246,26 @@ def test_cli_names_the_export_extra_when_onnxruntime_is_missing(tmp_path, capsys
         "(onnx, onnxruntime, onnxscript); not importable here: onnxruntime\n"
     )
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["model.pt"]
+
+
+def test_cli_opset_is_honoured_or_refused_in_one_line(tmp_path, capfd):
+    """An opset the exporter cannot convert the model to is an error with no file and no exporter traceback (it
+    used to write opset 18 and exit 0); one it can is the file's opset."""
+    import onnx
+
+    path = export_model(trained_like("vit"), tmp_path / "model.pt")
+    assert main(["export", str(path), "--opset", "5", "--check-images", "0"]) == 2
+    err = capfd.readouterr().err
+    assert err == (
+        "vitbn export: error: --opset 5: the exporter writes opset 18 and could not convert this model to 5 (e.g. "
+        "LayerNormalization exists from opset 17 on); use a later --opset, or leave it out\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    newest = onnx.defs.onnx_opset_version()
+    assert main(["export", str(path), "--opset", str(newest + 1)]) == 2
+    assert capfd.readouterr().err == (
+        f"vitbn export: error: --opset {newest + 1} must be in 1..{newest} (the installed onnx's newest)\n"
+    )
+    assert main(["export", str(path), "--opset", "17", "--check-images", "4"]) == 0
+    assert "ONNX opset 17" in capfd.readouterr().out
+    assert E.onnx_opset(tmp_path / "model.onnx") == 17

@@ -189,3 +189,17 @@ def test_report_cli_needs_a_run_or_a_data_file(tmp_path, capsys):
     _render(_saved(sweep_runs()), sweep_runs(), tmp_path / "a", [])
     assert main(["report", "--from", str(tmp_path / "a" / DATA_FILE)]) == 0  # default: written where data.json is
     assert "Rendered again from data.json by `vitbn report --from " in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_report_prose_says_the_subsets_and_epochs_the_runs_used():
+    """The preset's description may say 5000/5000 images and 3 epochs; runs made with other flags say theirs."""
+    runs = sweep_runs()
+    runs.runs["train_subset"], runs.runs["test_subset"], runs.runs["epochs"] = "200", "None", 2
+    text = to_markdown(report_blocks("t", "5000 training and 5000 test images, 3 epochs.", runs)[0])
+    assert (
+        "5000 training and 5000 test images, 3 epochs.\n\nAs run: 200 training and all test images, 2 epochs." in text
+    )
+    runs.runs.loc[0, "epochs"] = 10
+    assert "As run: 200 training and all test images, 2 / 10 epochs." in to_markdown(report_blocks("t", "", runs)[0])
+    legacy = sweep_runs()  # a data.json from before: no sentence rather than a wrong one
+    assert "As run:" not in to_markdown(report_blocks("t", "", legacy)[0])

@@ -44,7 +44,8 @@ def test_health_and_models(client, demo_models):
     assert [m["bn_folded"] for m in models] == [False, True]
     vitbn, _ = load_inference(demo_models["paths"][1])
     folded = sum(p.numel() for p in Predictor.load(demo_models["paths"][1]).model.parameters())
-    assert models[1]["params"] == folded < sum(p.numel() for p in vitbn.parameters())  # BN folded away
+    trained = sum(p.numel() for p in vitbn.parameters())
+    assert (models[1]["params"], models[1]["params_served"]) == (trained, folded) and folded < trained  # BN folded
     assert models[1]["classes"] == [str(k) for k in range(10)] and models[1]["input"]["height"] == 28
     page = client.get("/")
     assert page.status_code == 200 and "canvas" in page.text
@@ -133,7 +134,10 @@ def test_serve_refuses_missing_corrupt_or_absent_models_in_one_line(tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.pt").write_bytes(b"corrupt")
     assert main(["serve", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err
+        == f"vitbn serve: error: not a vitbn model file: {tmp_path / 'bad.pt'} (it holds no PyTorch weights)\n"
+    )
     assert main(["serve", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no trained vit/vitbnffn/vitbn model" in err and "make run" in err and err.count("\n") == 1

@@ -1,7 +1,8 @@
 """vitbn: train, time, track, tune and compare Vision Transformers with LayerNorm and BatchNorm.
 
-The model classes are imported on first use, so that ``import vitbn.cli`` (the ``vitbn`` command) can set up the
-CPU runtime (``vitbn.runtime.openmp_defaults``) before anything loads torch and its OpenMP runtime.
+The model classes are imported on first use, so that ``import vitbn`` (and the ``vitbn`` command's start) does not
+import torch: the command sets up the CPU runtime (``vitbn.runtime.openmp_defaults``) before anything loads torch
+and its OpenMP runtime, and answers a Ctrl-C during start-up in one line.
 """
 
 from __future__ import annotations

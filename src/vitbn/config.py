@@ -8,6 +8,7 @@ Every config is a plain dataclass that validates itself in ``__post_init__`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -412,8 +413,8 @@ class TrainConfig:
         if not isinstance(self.tf32, bool):
             raise ValueError(f"tf32={self.tf32!r} must be true or false")
         _choice("precision", self.precision, PRECISIONS)
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # inf would train until the loss diverges
+            raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
         for name in ("weight_decay", "warmup_epochs", "label_smoothing"):
             _non_negative(name, getattr(self, name))
         if self.grad_clip is not None and not self.grad_clip > 0:

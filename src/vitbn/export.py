@@ -122,16 +122,19 @@ def quiet_exporter() -> Iterator[None]:
     """Silences what the exporters report that a user cannot act on: torch.onnx's registry warnings (torchvision
     operators it skips), PyTorch-internal FutureWarnings/DeprecationWarnings and the tracer's warnings (its one
     data-dependent branch in ``attend`` is on the static branch count)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # onnxscript's version converter logs a traceback when it cannot reach the opset asked for: export_onnx says so
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    loggers[0].setLevel(logging.ERROR)
+    loggers[1].setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning, torch.jit.TracerWarning):
                 warnings.simplefilter("ignore", category)
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_onnx(
@@ -143,7 +146,8 @@ def export_onnx(
         model: a ``VisionTransformer`` (copied; the caller's model is left as it is).
         path: the file to write (atomically).
         spec: the model's input (stored as JSON in ``metadata_props["vitbn.input_spec"]``); None: not known.
-        opset: the ONNX opset; None: the exporter's default.
+        opset: the ONNX opset; None: the exporter's default. The exporter writes its own opset and converts down;
+            an opset it cannot convert this model to is an error, not a file of another opset.
         fuse: fold the BatchNorms first (``fuse_bn``); a model that cannot be folded raises a ValueError.
 
     Returns:
@@ -157,6 +161,12 @@ def export_onnx(
             net, (example_input(net),), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
         )  # fmt: skip
+    written = program.model.opset_imports.get("")
+    if opset is not None and written != opset:
+        raise UserError(
+            f"--opset {opset}: the exporter writes opset {written} and could not convert this model to {opset} "
+            "(e.g. LayerNormalization exists from opset 17 on); use a later --opset, or leave it out"
+        )
     program.model.metadata_props.update(export_metadata(model, spec, fuse))
     with atomic_target(path) as tmp:
         program.save(tmp, external_data=False)  # one self-contained file (models here are far below 2 GB)

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--eval-batch", type=int, default=1024, help="images per forward pass")
     p.add_argument("--precise-images", type=int, default=4096, help="training images for precise statistics")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model and the batches")
     p.add_argument("--out-dir", default="reports/bn-study", help="where the table and the figure go")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, sqlite)")

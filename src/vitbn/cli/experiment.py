@@ -37,7 +37,12 @@ def _common(parser: argparse.ArgumentParser, flags: dict) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (values, e.g. --seeds 0 1 2)")
     add_flags(parser, flags)
     parser.add_argument("--report-dir", default=None, help="afterwards, build the report into this folder")
-    parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="per-epoch output: bar (on stderr), lines (on stdout) or none; auto: bar on a terminal, else lines",
+    )
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
 
 
@@ -52,7 +57,7 @@ def register(subparsers) -> None:
     _common(sweep, RUN_FLAGS)
     sweep.add_argument("--lr", nargs="+", type=float, help="a subset of the preset's learning rates")
     sweep.add_argument("--epochs", type=int, help="epochs of every training run")
-    sweep.set_defaults(func=run_sweep, default_preset="quick")  # minutes; --preset study is hours on a CPU
+    sweep.set_defaults(func=resumable(run_sweep), default_preset="quick")  # minutes; --preset study is hours on a CPU
     recipes = sub.add_parser("recipes", help="Touvron et al.'s recipes (parallel blocks, LayerScale, stochastic "
                              "depth, hMLP stem) on ViT and ViTBN, with a report")  # fmt: skip
     norms = sub.add_parser("norms", help="LayerNorm, RMSNorm, DyT, BatchNorm (FFN / everywhere) and PRepBN on one "
@@ -71,12 +76,28 @@ def register(subparsers) -> None:
         parser_.add_argument("--full", action="store_true", help=f"the full-size preset {name}-full (for a GPU)")
         parser_.add_argument("--epochs", type=int, help="epochs of every training run")
         parser_.add_argument("--lr", nargs="+", type=float, help="a subset of the preset's learning rates")
-        parser_.set_defaults(func=run_with_report, default_preset=name, report_kind=name)
+        parser_.set_defaults(func=resumable(run_with_report), default_preset=name, report_kind=name)
     tune = sub.add_parser("tune", help="Ax/BoTorch tuning of lr and batch size per model, then the tuned models")
     _common(tune, {**RUN_FLAGS, **TUNE_FLAGS})
     tune.add_argument("--final-epochs", type=int, help="epochs of the tuned models' final training")
     tune.add_argument("--no-final", action="store_true", help="only tune, do not train the tuned models")
-    tune.set_defaults(func=run_tune, default_preset="study-tune")
+    tune.set_defaults(func=resumable(run_tune), default_preset="study-tune")
+
+
+def resumable(run):
+    """``run`` that, stopped by Ctrl-C, says how to go on: the same command again (finished runs are skipped, the
+    interrupted one continues from its checkpoint), as ``vitbn train`` prints its ``--resume`` command."""
+
+    def interrupted_says_how_to_resume(args: argparse.Namespace) -> int:
+        from vitbn.provenance import command_line
+
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            print(f"vitbn experiment: interrupted; resume with the same command: {command_line()}", file=sys.stderr)
+            return 130
+
+    return interrupted_says_how_to_resume
 
 
 def _setup_logging() -> None:

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                    "PyTorch)")  # fmt: skip
     p.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the BatchNorms into the linear layers first (default: yes)")  # fmt: skip
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's); one that this model cannot be "
+                   "converted to is an error (LayerNormalization needs 17 or later)")  # fmt: skip
     p.add_argument("--out", metavar="FILE", help="the file to write (default: model.onnx / model.ts beside CHECKPOINT)")
     p.add_argument("--check-images", type=int, default=100, metavar="N",
                    help="inputs of the parity check (default 100; 0 skips it)")  # fmt: skip
@@ -62,6 +63,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError("--opset applies to --format onnx only")
     if args.format == "onnx":
         require_onnx()
+        if args.opset is not None:
+            import onnx
+
+            newest = onnx.defs.onnx_opset_version()
+            if not 1 <= args.opset <= newest:
+                raise UserError(f"--opset {args.opset} must be in 1..{newest} (the installed onnx's newest)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,12 @@ def register(subparsers) -> None:
     ft.add_argument("--config", metavar="FILE", help="YAML: sections data/train/track/augment (the model: CHECKPOINT)")
     add_flags(ft.add_argument_group("data, training, tracking (as `vitbn train`)"), FLAGS)
     ft.add_argument("--no-track", action="store_true", help="no MLflow (metrics stay in memory and the run folder)")
-    ft.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    ft.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="per-epoch output: bar (on stderr), lines (on stdout) or none; auto: bar on a terminal, else lines",
+    )
     ft.set_defaults(func=run_finetune)
 
 

@@ -78,7 +78,13 @@ def _norm(help: str) -> dict:
 _BOOL = argparse.BooleanOptionalAction
 
 MODEL_FLAGS: dict[str, Flag] = {
-    "--model": Flag("model", "name", dict(help="model preset: vit, vitbnffn, vitbn (see `vitbn models`)")),
+    "--model": Flag(
+        "model",
+        "name",
+        dict(
+            help="model preset: vit, vitbnffn, vitbn (see `vitbn models`); the other model flags override its settings"
+        ),
+    ),
     "--depth": Flag("model", "depth", dict(type=int, help="stages (blocks, or groups of --parallel blocks)")),
     "--dim": Flag("model", "dim", dict(type=int, help="token width D")),
     "--heads": Flag("model", "heads", dict(type=int, help="attention heads per block")),
@@ -109,6 +115,14 @@ MODEL_FLAGS: dict[str, Flag] = {
     "--stem": Flag("model", "stem", dict(choices=STEMS, help="linear patch embedding, hMLP or conv stem")),
 }
 
+# The input a model is built for (``vitbn train`` only: the experiments are defined on MNIST).
+SHAPE_FLAGS: dict[str, Flag] = {
+    "--image-size": Flag("model", "image_size", dict(type=_patch, help="image side the model takes, or HxW (e.g. 8 "
+                                                     "for --dataset digits, with --patch-size 4 or 2)")),
+    "--channels": Flag("model", "channels", dict(type=int, help="image channels the model takes (3 for RGB)")),
+    "--num-classes": Flag("model", "num_classes", dict(type=int, help="outputs of the classifier head")),
+}  # fmt: skip
+
 RUN_FLAGS: dict[str, Flag] = {
     "--dataset": Flag("data", "dataset", dict(help="mnist, a registered dataset, npz:PATH or folder:PATH")),
     "--data-root": Flag("data", "root", dict(help="folder holding <dataset>/ (default $VITBN_DATA)")),
@@ -117,23 +131,28 @@ RUN_FLAGS: dict[str, Flag] = {
                            "validation (stratified, seeded by the split seed), in (0, 0.5]")),
     "--train-subset": Flag("data", "train_subset", dict(type=int, help="use the first N training images")),
     "--test-subset": Flag("data", "test_subset", dict(type=int, help="use the first N test images")),
-    "--epochs": Flag("train", "epochs", dict(type=int)),
+    "--epochs": Flag("train", "epochs", dict(type=int, help="passes over the training set")),
     "--lr": Flag("train", "lr", dict(type=float, help="learning rate")),
-    "--batch-size": Flag("train", "batch_size", dict(type=int)),
-    "--eval-batch-size": Flag("train", "eval_batch_size", dict(type=int)),
-    "--optimizer": Flag("train", "optimizer", dict(choices=OPTIMIZERS)),
-    "--weight-decay": Flag("train", "weight_decay", dict(type=float)),
+    "--batch-size": Flag("train", "batch_size", dict(type=int, help="training images per step")),
+    "--eval-batch-size": Flag("train", "eval_batch_size", dict(type=int, help="images per evaluation "
+                               "batch")),
+    "--optimizer": Flag("train", "optimizer", dict(choices=OPTIMIZERS, help="the optimizer")),
+    "--weight-decay": Flag("train", "weight_decay", dict(type=float, help="decoupled (adamw) or L2 "
+                            "weight decay")),
     "--schedule": Flag("train", "schedule", dict(choices=SCHEDULES, help="constant (the study's) or cosine")),
     "--warmup-epochs": Flag("train", "warmup_epochs", dict(type=float, help="linear warm-up length")),
-    "--label-smoothing": Flag("train", "label_smoothing", dict(type=float)),
+    "--label-smoothing": Flag("train", "label_smoothing", dict(type=float, help="label smoothing "
+                               "of the cross-entropy, in [0, 1)")),
     "--grad-clip": Flag("train", "grad_clip", dict(type=float, help="max global gradient norm")),
-    "--device": Flag("train", "device", dict(type=parse_device, metavar="{auto,cpu,cuda,cuda:N,mps}")),
-    "--precision": Flag("train", "precision", dict(choices=PRECISIONS)),
+    "--device": Flag("train", "device", dict(type=parse_device, metavar="{auto,cpu,cuda,cuda:N,mps}",
+                                             help="auto: cuda, else mps, else cpu")),
+    "--precision": Flag("train", "precision", dict(choices=PRECISIONS, help="fp32, or bf16/fp16 autocast")),
     "--compile": Flag("train", "compile", dict(action=_BOOL, help="torch.compile the model")),
     "--tf32": Flag("train", "tf32", dict(action=_BOOL, help="TF32 for fp32 matmuls and cuDNN convolutions alike "
                    "on Ampere+ GPUs (default: off, fp32 stays fp32)")),
     "--threads": Flag("train", "threads", dict(type=int, help="torch.set_num_threads")),
-    "--seed": Flag("train", "seed", dict(type=int)),
+    "--seed": Flag("train", "seed", dict(type=int, help="seeds the initialization and the batch "
+                    "order")),
     "--max-steps": Flag("train", "max_steps_per_epoch", dict(type=int, help="cap on batches per epoch")),
     "--precise-bn": Flag("train", "precise_bn", dict(action=_BOOL, help="recompute BN statistics before evaluating")),
     "--sync-bn": Flag("train", "sync_bn", dict(action=_BOOL, help="torchrun: BatchNorm statistics over all ranks")),
@@ -173,10 +192,23 @@ def pick(table: dict[str, Flag], *names: str, drop: tuple[str, ...] = ()) -> dic
     return {f: flag for f, flag in table.items() if (not names or f in names) and f not in drop}
 
 
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, table: dict[str, Flag]) -> None:
-    """Adds every flag of ``table`` with default None."""
+def add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, table: dict[str, Flag], shown: dict | None = None
+) -> None:
+    """Adds every flag of ``table`` with default None (a flag not given leaves the config file's value).
+
+    Args:
+        parser: the parser or group to add to.
+        table: the flags.
+        shown: the config the flags override, as ``RunConfig.to_dict()``: its values are written in the help as
+            the defaults (None: not shown, where a preset decides them).
+    """
     for flag, spec in table.items():
-        parser.add_argument(flag, **{"default": None, **spec.kwargs})
+        kwargs = {"default": None, **spec.kwargs}
+        value = (shown or {}).get(spec.section, {}).get(spec.field)
+        if shown is not None and value is not None and value is not False and "default" not in kwargs["help"]:
+            kwargs["help"] = f"{kwargs['help']} (default: {value})".replace("%", "%%")
+        parser.add_argument(flag, **kwargs)
 
 
 def given(args: argparse.Namespace, table: dict[str, Flag]) -> dict[str, dict[str, Any]]:

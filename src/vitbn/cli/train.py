@@ -4,58 +4,104 @@ on a test set)."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
-from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, add_flags, dest, given, parse_device
+from vitbn.cli.flags import MODEL_FLAGS, RUN_FLAGS, SHAPE_FLAGS, add_flags, dest, given, parse_device
 from vitbn.config import PRECISIONS, RunConfig, load_yaml
 from vitbn.errors import UserError
 
 SECTIONS = ("model", "data", "train", "track", "hpo", "augment")
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+DEFAULT_MODEL = "vit"  # the preset a run without --model (and without model.name in --config) starts from
 
 # The model knobs and the run settings, from the table ``vitbn experiment`` and ``vitbn bench`` share too.
-FLAGS = {**MODEL_FLAGS, **RUN_FLAGS}
+FLAGS = {**MODEL_FLAGS, **SHAPE_FLAGS, **RUN_FLAGS}
 
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train one model (flags and/or --config FILE.yaml)")
     train.add_argument("--config", metavar="FILE", help="YAML with sections model/data/train/track/hpo/augment")
-    add_flags(train.add_argument_group("model (see `vitbn models`)"), MODEL_FLAGS)
-    add_flags(train.add_argument_group("data, training, tracking"), RUN_FLAGS)
+    shown = RunConfig.from_dict({"model": {"name": DEFAULT_MODEL}}).to_dict()
+    add_flags(train.add_argument_group("model (see `vitbn models`)"), {**MODEL_FLAGS, **SHAPE_FLAGS}, shown)
+    add_flags(train.add_argument_group("data, training, tracking"), RUN_FLAGS, shown)
     train.add_argument("--no-track", action="store_true", help="no MLflow (metrics stay in memory and the run folder)")
-    train.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    train.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="per-epoch output: bar (on stderr), lines (on stdout) or none; auto: bar on a terminal, else lines",
+    )
     train.set_defaults(func=run_train)
 
     ev = subparsers.add_parser("eval", help="evaluate a saved model (model.pt) on a test set")
     ev.add_argument("model", metavar="MODEL", help="a model.pt written by `vitbn train`, or a delta.pt (with --base)")
     ev.add_argument("--base", metavar="BASE", help="the model a delta.pt of `vitbn finetune` was fine-tuned from")
-    ev.add_argument("--dataset", default="mnist")
-    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--dataset", default="mnist", help="mnist, a registered dataset, npz:PATH or folder:PATH")
+    ev.add_argument("--data-root", default=None, help="folder holding <dataset>/ ($VITBN_DATA when not given)")
     ev.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
     ev.add_argument("--image-size", type=int, default=None, help="resize the images to NxN (as `vitbn finetune`)")
-    ev.add_argument("--batch-size", type=int, default=5000)
-    ev.add_argument("--device", type=parse_device, default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}")
-    ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    ev.add_argument("--batch-size", type=int, default=5000, help="images per evaluation batch")
+    ev.add_argument("--device", type=parse_device, default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                    help="auto: cuda, else mps, else cpu")  # fmt: skip
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16/fp16 autocast")
     ev.add_argument("--fuse-bn", action="store_true", help="fold BatchNorms into the linear layers first")
     ev.set_defaults(func=run_eval)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config file (if any) with the given flags written over it."""
+    """The config file (if any) with the given flags written over it. ``--resume`` without ``--config`` starts from
+    the run's own ``config.yaml``, so that only the flags given change it."""
     data = load_yaml(args.config) if args.config else {}
+    if getattr(args, "resume", None) and not args.config:
+        data = resumed_config(args)
     merged = dict(data)
     for name in SECTIONS:
         section = data.get(name) or {}
         if not isinstance(section, dict):
             raise UserError(f"config file {args.config}: section {name!r} must be a mapping")
         merged[name] = dict(section)
+    merged["model"].setdefault("name", DEFAULT_MODEL)  # named by its preset, so that `vitbn serve` finds it
     for section, values in given(args, FLAGS).items():
         merged[section].update(values)
     if args.no_track:
         merged["track"]["enabled"] = False
     return RunConfig.from_dict(merged)
+
+
+def resumed_config(args: argparse.Namespace) -> dict:
+    """The ``config.yaml`` of the run that ``--run-name`` names under ``--out-dir`` ({} when the run folder has
+    none).
+
+    Raises:
+        UserError: no ``--run-name``, or no such run folder (a misspelled name must not start a new run).
+    """
+    from pathlib import Path
+
+    from vitbn.config import TrainConfig
+
+    if not args.run_name:
+        raise UserError("--resume needs --run-name NAME: the run to continue")
+    root = Path(args.out_dir or TrainConfig.out_dir)
+    folder = root / args.run_name
+    if not folder.is_dir():
+        runs = sorted(p.name for p in root.iterdir() if (p / "config.yaml").is_file()) if root.is_dir() else []
+        there = f"runs there: {', '.join(runs[:10])}{' ...' if len(runs) > 10 else ''}" if runs else "it holds none"
+        raise UserError(f"--resume: no run {args.run_name!r} under {root}/ ({there})")
+    return load_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+
+
+def resume_changes(args: argparse.Namespace, config: RunConfig) -> list[str]:
+    """``key old -> new`` for each setting of the run's ``config.yaml`` that the flags given with ``--resume``
+    change (``train.resume`` itself left out)."""
+    from vitbn.config import flatten
+
+    if not getattr(args, "resume", None) or args.config:
+        return []
+    old, new = flatten(resumed_config(args)), flatten(config.to_dict())
+    return [f"{k} {old[k]} -> {new[k]}" for k in old if k in new and old[k] != new[k] and k != "train.resume"]
 
 
 def resume_command(args: argparse.Namespace, run_name: str, command: list[str] | None = None) -> str:
@@ -85,6 +131,9 @@ def run_train(args: argparse.Namespace) -> int:
     from vitbn.engine.distributed import destroy_distributed, is_main_process
 
     config = config_from_args(args)
+    changes = resume_changes(args, config)
+    if changes and os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun rank
+        print(f"vitbn train: resuming {config.track.run_name} with changed settings: {', '.join(changes)}")
     result = None
     try:
         result = fit(config, progress=args.progress)
@@ -108,8 +157,26 @@ def run_train(args: argparse.Namespace) -> int:
             )
         return EXIT_INTERRUPTED
     if main:
-        print(_summary(result, config))
+        curves = log_curves(result, config)
+        print(_summary(result, config) + (f"; curves {curves}" if curves else ""))
     return 0
+
+
+def log_curves(result, config: RunConfig):
+    """Writes the run's curves figure (``vitbn.report.compare.run_curves``) into its folder and logs it to the
+    run's MLflow run; returns its path (None when the run has no epochs)."""
+    from vitbn.report.compare import run_curves
+
+    if not result.history:
+        return None
+    path = run_curves(result.out_dir)
+    if config.track.enabled and result.run_id:
+        from mlflow.tracking import MlflowClient
+
+        from vitbn.tracking import resolve_tracking_uri
+
+        MlflowClient(resolve_tracking_uri(config.track.tracking_uri)).log_artifact(result.run_id, str(path))
+    return path
 
 
 def _summary(result, config: RunConfig) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +292,11 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     ``val_size`` training images (or ``val_fraction`` of each class) carved out, seeded by ``split_seed``, for
     validation; the test set stays apart."""
     info = load_dataset(cfg.dataset, cfg.root, cfg.download)
+    for split, asked in (("train", cfg.train_subset), ("test", cfg.test_subset)):
+        held = len(getattr(info, split))
+        if asked is not None and asked > held:  # said, not silent: the run's record shows the number asked for
+            warnings.warn(f"{split}_subset={asked}: {info.name} has {held} {split} images; using all {held}",
+                          stacklevel=2)  # fmt: skip
     train, test = info.train.head(cfg.train_subset), info.test.head(cfg.test_subset)
     val = None
     if cfg.val_fraction:

@@ -117,15 +117,23 @@ def cuda_states_for(states: list[torch.Tensor], visible: int) -> tuple[list[torc
     )
 
 
+def torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``; a file it cannot read is one line, "not a vitbn model file: PATH (why)",
+    never PyTorch's advice to retry with ``weights_only=False`` (which would run whatever code the file holds)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or unsafe content
+        text = str(exc)
+        why = "it holds no PyTorch weights" if "weights_only" in text or not text.strip() else first_line(exc)
+        raise UserError(f"not a vitbn model file: {path} ({why})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint written by the engine, with a one-line UserError for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or unsafe content
-        raise UserError(f"checkpoint {path} cannot be read: {first_line(exc)}") from None
+    ckpt = torch_load(path, map_location)
     missing = {"model", "optimizer", "epoch", "history", "config", "rng"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise UserError(f"checkpoint {path} is not a vitbn checkpoint (missing {sorted(missing)})")
@@ -218,10 +226,7 @@ def resolve_model_path(path: str | Path) -> Path:
 def _read_model_file(path: Path, map_location) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")
-    try:
-        saved = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise UserError(f"model file {path} cannot be read: {first_line(exc)}") from None
+    saved = torch_load(path, map_location)
     if isinstance(saved, dict) and saved.get("kind") == DELTA_KIND:
         base = saved.get("base", {}).get("name", "its base")
         raise UserError(

@@ -22,6 +22,7 @@ from vitbn.engine.checkpoint import (
     _read_model_file,
     atomic_save,
     resolve_model_path,
+    torch_load,
     unwrap,
 )
 from vitbn.errors import UserError, first_line
@@ -98,10 +99,7 @@ def read_delta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"delta file {path} does not exist")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"delta file {path} cannot be read: {first_line(exc)}") from None
+    saved = torch_load(path)
     if not isinstance(saved, dict) or saved.get("kind") != DELTA_KIND:
         raise UserError(f"{path} is not a vitbn delta checkpoint (written by `vitbn finetune` as delta.pt)")
     return saved

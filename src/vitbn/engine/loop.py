@@ -219,6 +219,9 @@ class _Run:
             start_tracking(self, parent_run_id)
             if self._rng is not None:  # resume: continue the random streams where the checkpoint left them
                 set_rng_state(self._rng)
+            elif self.info.is_main:  # epoch 0: Ctrl-C in the first epoch leaves a run that --resume continues
+                with deferred_interrupt():
+                    atomic_save(self._checkpoint_state(0), self.out_dir / CHECKPOINT_NAME)
             status = self._loop(on_epoch)
             final = self._final_metrics(status)
         except KeyboardInterrupt:

@@ -10,6 +10,7 @@ Tags of a parent: ``vitbn.role=parent``, ``vitbn.kind`` (``lr-sweep`` | ``tune``
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,16 +20,17 @@ PARENT_KEYS = ("vitbn.kind", "vitbn.preset", "vitbn.preset_hash")
 CHILD_KEYS = ("vitbn.phase", "vitbn.label", "vitbn.lr", "vitbn.batch_size", "vitbn.seed", "vitbn.epochs", "vitbn.trial")
 
 
-def mlflow_client(uri: str | None = None):
+def mlflow_client(uri: str | None = None, *, reading: bool = False):
     """An ``MlflowClient`` on the URI the engine's ``make_tracker`` resolves too (``uri``, else
-    $MLFLOW_TRACKING_URI, else ``sqlite:///mlruns.db``), checked for reachability first."""
+    $MLFLOW_TRACKING_URI, else ``sqlite:///mlruns.db``), checked for reachability first (``reading``: for a
+    command that only reads runs; see ``check_tracking_uri``)."""
     from mlflow.tracking import MlflowClient
 
     from vitbn.tracking import check_tracking_uri, quiet_mlflow, resolve_tracking_uri
 
     quiet_mlflow()
     uri = resolve_tracking_uri(uri)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, reading=reading)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -151,11 +153,21 @@ def resolve_parent(client, key: str, experiment: str | None = None):
     for where in (f"tags.`vitbn.preset` = {_quote(key)}", f"attributes.run_name = {_quote(key)}"):
         runs = (
             client.search_runs(
-                ids, f"tags.`vitbn.role` = 'parent' and {where}", max_results=1, order_by=["attributes.start_time DESC"]
+                ids,
+                f"tags.`vitbn.role` = 'parent' and {where}",
+                max_results=100,
+                order_by=["attributes.start_time DESC"],
             )
             if ids
             else []
         )
+        if len(runs) > 1:
+            others = ", ".join(r.info.run_id for r in runs[1:4]) + (" ..." if len(runs) > 4 else "")
+            warnings.warn(
+                f"{len(runs)} experiment runs match {key!r}: using the newest, {runs[0].info.run_id}; name another "
+                f"by its run id ({others})",
+                stacklevel=2,
+            )
         if runs:
             return runs[0]
     raise UserError(f"no experiment run {key!r} (a parent run id, preset or run name) in {client.tracking_uri}")

@@ -198,6 +198,22 @@ def runs_sentence(runs: pd.DataFrame) -> str:
     )
 
 
+def settings_sentence(runs: pd.DataFrame) -> str:
+    """What the runs were trained on, from their own params (a preset's description may name other subsets, when
+    flags changed them): ``"As run: 200 training and 50 test images, 2 epochs."``."""
+    if runs.empty or not {"train_subset", "test_subset", "epochs"} <= set(runs):
+        return ""  # a data.json written before the subsets were recorded
+
+    def values(column: str, all_of: str) -> str:
+        found = sorted({str(v) for v in runs[column]}, key=lambda v: (len(v), v))
+        return " / ".join(all_of if v in ("None", "nan") else v for v in found)
+
+    return (
+        f"As run: {values('train_subset', 'all')} training and {values('test_subset', 'all')} test images, "
+        f"{values('epochs', '?')} epochs."
+    )
+
+
 def report_blocks(
     parent_name: str, description: str, runs: RunSet, provenance: list[str] | None = None
 ) -> tuple[list[Block], pd.DataFrame]:
@@ -206,6 +222,8 @@ def report_blocks(
     blocks: list[Block] = [("h1", f"vitbn report: {parent_name}")]
     if description:
         blocks.append(("p", description))
+    if settings_sentence(runs.runs):
+        blocks.append(("p", settings_sentence(runs.runs)))
     where = " ".join([*(provenance or []), runs_sentence(runs.runs)]).strip()
     if where:
         blocks.append(("p", where))
@@ -315,7 +333,7 @@ def build_report(
     Besides the page it writes ``data.json``: the run set it shows and the provenance, from which
     ``render_saved`` (``vitbn report --from``) renders the same page without the MLflow store.
     """
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri, reading=True)
     parent = resolve_parent(client, key, experiment)
     if parent.data.tags.get("vitbn.role") != "parent":
         raise UserError(f"run {key} is not an experiment's parent run (made by `vitbn experiment`)")

@@ -134,6 +134,8 @@ def _row(run) -> dict:
         "batch_size": int(tags.get("vitbn.batch_size", 0)),
         "seed": int(tags.get("vitbn.seed", 0)),
         "epochs": int(tags.get("vitbn.epochs", 0)),
+        "train_subset": params.get("data.train_subset", "None"),  # as run, whatever the preset's prose says
+        "test_subset": params.get("data.test_subset", "None"),
         "trial": int(tags.get("vitbn.trial", -1)),
         "status": tags.get("vitbn.status", run.info.status.lower()),
         "mlflow_status": run.info.status,

@@ -12,6 +12,7 @@ Inputs are two DataFrames built from tracked runs (``vitbn.report.runs``) or by 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -142,7 +143,27 @@ def add_ratios(row: dict, ref: pd.Series | None) -> dict:
     row["g_t"] = (1 - 1 / row["r_t"]) * 100
     row["g_v"] = (1 - 1 / row["r_v"]) * 100
     row["flops_ratio"] = ref["flops"] / row["flops"]
+    if int(ref["depth"]) == int(row.get("depth", -1)):  # against a ViT of another depth, any ratio may be real
+        _warn_implausible(row)
     return row
+
+
+# Time ratios beyond this factor between two norms of one architecture are not the norms' doing: the machine was
+# busy with something else for part of the runs (a g_t of -1321% was seen under load).
+PLAUSIBLE_RATIO = 3.0
+
+
+def _warn_implausible(row: dict) -> None:
+    for ratio, gain, what in (("r_t", "g_t", "training"), ("r_v", "g_v", "test")):
+        r = row[ratio]
+        if math.isfinite(r) and r > 0 and not 1 / PLAUSIBLE_RATIO <= r <= PLAUSIBLE_RATIO:
+            name = display_name(row["model"], int(row["depth"])) if "model" in row and "depth" in row else "a model"
+            warnings.warn(
+                f"{gain} {row[gain]:.1f}% for {name}: its {what} epochs took {1 / r:.2f}x as long as {row['ref']}'s, "
+                f"beyond {PLAUSIBLE_RATIO:g}x either way; the timings were likely disturbed by other load on the "
+                "machine: measure again on a quiet one",
+                stacklevel=3,
+            )
 
 
 def summary_table(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:

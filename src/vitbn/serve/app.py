@@ -2,14 +2,16 @@
 
 - ``GET /`` the page (``static/index.html`` with its script and style, no build step);
 - ``GET /healthz`` ``{"status": "ok", "models": N}``;
-- ``GET /api/models`` the loaded models: id, name, source file, parameters, FLOPs per image, input, classes;
+- ``GET /api/models`` the loaded models: id, name, source file, parameters (as trained, as ``vitbn eval`` counts
+  them; ``params_served``: after folding), FLOPs per image, input, classes;
 - ``POST /api/predict`` an image, as raw bytes (``Content-Type: image/png``, ``image/jpeg``, ...) or as JSON
   ``{"image": "<base64 or data: URL>", "top_k": 3}``; ``?top_k=N`` also works. The answer holds, per model, the
   top classes, all probabilities, the latency of its forward pass, the preprocessed input it saw and the
   attention rollout of its pooled token over the patch grid.
 
-Bodies over ``MAX_BODY`` bytes get 413; an image that cannot be decoded or holds no ink, 400; malformed JSON or a
-bad field, 422. Each answer of an error is ``{"error": "<one line>"}``.
+Bodies over ``MAX_BODY`` bytes get 413, and so do images of more than ``MAX_PIXELS`` pixels (refused from their
+header, before decoding); an image that cannot be decoded or holds no ink, 400; malformed JSON or a bad field, 422;
+an unknown path 404, a wrong method 405. Every error answer is ``{"error": "<one line>"}``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from vitbn.serve.predictor import Predictor
-from vitbn.serve.preprocess import ImageError, decode_image
+from vitbn.serve.preprocess import ImageError, ImageTooLargeError, decode_image
 
 MAX_BODY = 1 << 20  # 1 MiB: a 280x280 canvas PNG is ~10 KiB; a photo can be scaled down by the page
 MAX_TOP_K = 20
@@ -47,6 +50,7 @@ def model_info(index: int, p: Predictor) -> dict:
         "name": p.name,
         "source": p.source,
         "params": p.params,
+        "params_served": p.served_params,
         "flops": p.flops,
         "bn_folded": p.folded,
         "note": p.note,
@@ -56,8 +60,13 @@ def model_info(index: int, p: Predictor) -> dict:
     }
 
 
-def predict_all(predictors: list[Predictor], image, top_k: int) -> list[dict]:
-    """Every model's answer for one decoded picture (each preprocesses it for its own input)."""
+def predict_all(predictors: list[Predictor], data: bytes, top_k: int) -> list[dict]:
+    """Every model's answer for one uploaded picture, decoded once (each model preprocesses it for its own input).
+
+    Raises:
+        ImageError: not an image, no ink, or more than ``MAX_PIXELS`` pixels.
+    """
+    image = decode_image(data, "the uploaded image")
     out = []
     for index, p in enumerate(predictors):
         prepared = p.prepare(image)
@@ -141,10 +150,11 @@ def create_app(predictors: list[Predictor]) -> Starlette:
             data, top_k = parse_request(
                 body, request.headers.get("content-type", ""), request.query_params.get("top_k")
             )
-            image = decode_image(data, "the uploaded image")
-            results = await run_in_threadpool(predict_all, predictors, image, top_k)
+            results = await run_in_threadpool(predict_all, predictors, data, top_k)  # decoding off the event loop
         except HTTPError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except ImageTooLargeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=413)
         except ImageError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"predictions": results})
@@ -156,4 +166,15 @@ def create_app(predictors: list[Predictor]) -> Starlette:
         Route("/api/predict", predict, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: json_error})
+
+
+async def json_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (404 unknown path, 405 wrong method) as ``{"error": ...}`` like the API's."""
+    status = getattr(exc, "status_code", 500)
+    messages = {404: f"no such path: {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return JSONResponse(
+        {"error": messages.get(status, str(getattr(exc, "detail", exc)))},
+        status_code=status,
+        headers=getattr(exc, "headers", None),
+    )

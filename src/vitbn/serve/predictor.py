@@ -44,9 +44,10 @@ class Predictor:
     source: str
     folded: bool  # some BatchNorm was folded into its Linear
     note: str = ""  # what folding left, or why it could not fold
-    params: int = 0
+    params: int = 0  # the trained model's, as `vitbn eval` and `vitbn models` count them
     flops: int = 0
     name: str = ""  # the trained model's name (the folded copy's config names its folded norms "none")
+    served_params: int = 0  # those of the model served (BatchNorm folded: its affine maps merged into Linear)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -59,7 +60,7 @@ class Predictor:
         from vitbn.models import count_params, forward_flops
 
         model, spec = load_inference(path)
-        name, folded, note = model.config.name, False, ""
+        name, folded, note, params = model.config.name, False, "", count_params(model)
         if fuse:
             try:
                 fused = fuse_bn(model)
@@ -68,7 +69,7 @@ class Predictor:
             except ValueError as exc:
                 note = f"served unfolded: {exc}"
         model.eval().requires_grad_(False)
-        return cls(model, spec, str(path), folded, note, count_params(model), forward_flops(model), name)
+        return cls(model, spec, str(path), folded, note, params, forward_flops(model), name, count_params(model))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -183,19 +184,79 @@ def keep_for_demo(checkpoint: str | Path, root: str | Path = "runs") -> Path | N
     return target
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A model file that could be the demo's default for its name: its MNIST accuracy on validation (else test)."""
+
+    path: Path
+    name: str
+    acc: float | None  # None: the file and its run folder record neither
+    split: str  # "val" | "test" | ""
+    mtime: float
+
+    def describe(self) -> str:
+        return f"{self.split} acc {100 * self.acc:.2f}%" if self.acc is not None else "no recorded accuracy"
+
+
+def _candidate(path: Path) -> Candidate | None:
+    """``path`` as a candidate, or None when it is unreadable or not a model trained on MNIST."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        name = saved["config"]["name"]
+    except Exception:  # an unreadable file is not a candidate; one named on the command line is reported
+        return None
+    dataset = (saved.get("data") or {}).get("dataset")
+    if dataset is None and (path.parent / "config.yaml").is_file():  # written before the input spec was recorded
+        import yaml
+
+        dataset = ((yaml.safe_load((path.parent / "config.yaml").read_text()) or {}).get("data") or {}).get("dataset")
+    if dataset not in (None, "mnist"):
+        return None
+    meta = saved.get("meta") or {}
+    if "best/val_acc" in meta:
+        return Candidate(path, name, float(meta["best/val_acc"]), "val", path.stat().st_mtime)
+    last = _last_record(path.parent / "history.json")
+    for split in ("val", "test"):
+        if f"{split}/acc" in last:
+            return Candidate(path, name, float(last[f"{split}/acc"]), split, path.stat().st_mtime)
+    return Candidate(path, name, None, "", path.stat().st_mtime)
+
+
+def _last_record(history: Path) -> dict:
+    import json
+
+    try:
+        records = json.loads(history.read_text())
+        return records[-1] if isinstance(records, list) and records and isinstance(records[-1], dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def choose_study_models(
+    root: str | Path = "runs", names: tuple[str, ...] = STUDY_MODELS
+) -> tuple[dict[str, Candidate], dict[str, int]]:
+    """Per name of ``names``: the MNIST model with the best validation accuracy (else test accuracy; a model that
+    records neither comes last, ties go to the newest) among the models kept for the demo (``root/demo/<name>.pt``,
+    see ``keep_for_demo``) and every ``model.pt`` under ``root``. Models of other datasets (a fine-tune on digits)
+    are not candidates.
+
+    Returns:
+        ``({name: chosen}, {name: number of candidates})``; a name with no candidate is in neither.
+    """
+    files = {*Path(root).glob(f"{DEMO_DIR}/*.pt"), *Path(root).rglob(MODEL_NAME)}
+    found: dict[str, list[Candidate]] = {}
+    for path in sorted(files):
+        candidate = _candidate(path)
+        if candidate is not None and candidate.name in names:
+            found.setdefault(candidate.name, []).append(candidate)
+
+    def rank(c: Candidate) -> tuple:
+        return (c.acc is not None, c.acc or 0.0, c.path.parent.name == DEMO_DIR, c.mtime)
+
+    chosen = {n: max(found[n], key=rank) for n in names if n in found}
+    return chosen, {n: len(found[n]) for n in chosen}
+
+
 def find_study_models(root: str | Path = "runs", names: tuple[str, ...] = STUDY_MODELS) -> list[Path]:
-    """Per name of ``names`` (in that order; names with none are left out): the model kept for the demo
-    (``root/demo/<name>.pt``, see ``keep_for_demo``), else the newest model file (by modification time) under
-    ``root`` (what ``make run`` writes: ``runs/<experiment>/<run>/model.pt``)."""
-    kept = {n: Path(root) / DEMO_DIR / f"{n}.pt" for n in names}
-    kept = {n: path for n, path in kept.items() if path.exists()}
-    newest: dict[str, tuple[float, Path]] = {}
-    for path in Path(root).rglob(MODEL_NAME) if len(kept) < len(names) else ():  # every name kept: nothing to read
-        try:
-            name = torch.load(path, map_location="cpu", weights_only=True)["config"]["name"]
-        except Exception:  # an unreadable file is not a candidate; one named on the command line is reported
-            continue
-        mtime = path.stat().st_mtime
-        if name in names and (name not in newest or mtime > newest[name][0]):
-            newest[name] = (mtime, path)
-    return [kept[n] if n in kept else newest[n][1] for n in names if n in kept or n in newest]
+    """The paths ``choose_study_models`` chooses, in the order of ``names``."""
+    return [c.path for c in choose_study_models(root, names)[0].values()]

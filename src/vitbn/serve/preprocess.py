@@ -20,6 +20,7 @@ A blank picture (no ink after step 3) raises ``BlankImageError``; a file that is
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,10 @@ CENTER = 14.0  # where the center of mass lands (row, column pixel index)
 INK_THRESHOLD = 0.1  # ink below this fraction of the strongest pixel is background
 MIN_CONTRAST = 16  # an image whose ink rises less than this over its background (0..255) is blank
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# The largest picture decoded, read from the header before any pixel is: 2048x2048 (a phone photo scaled down by
+# the page is far smaller). Decoding one of that size holds at most ~4 Mi pixels x (4 bytes RGBA + 8 float64),
+# so a small file that declares a huge canvas (a "decompression bomb") is refused instead of taking gigabytes.
+MAX_PIXELS = 2048 * 2048
 
 
 class ImageError(UserError):
@@ -42,18 +47,33 @@ class BlankImageError(ImageError):
     """The image holds no ink: nothing to classify."""
 
 
+class ImageTooLargeError(ImageError):
+    """The image declares more than ``MAX_PIXELS`` pixels: refused before decoding."""
+
+
 def decode_image(data: bytes, source: str = "image") -> np.ndarray:
     """PNG/JPEG/... bytes -> a (H, W) float64 grayscale array in 0..255 (transparent pixels are background).
 
     Raises:
+        ImageTooLargeError: the header declares more than ``MAX_PIXELS`` pixels (nothing is decoded).
         ImageError: the bytes are not an image that Pillow can decode.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the limit below is lower, and says so
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        with img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageTooLargeError(
+                    f"{source} is {width}x{height} pixels; the limit is {MAX_PIXELS:,} pixels (e.g. 2048x2048)"
+                )
             img.load()
             return to_gray(np.asarray(img.convert("RGBA") if _has_alpha(img) else img.convert("RGB")))
+    except Image.DecompressionBombError:  # Pillow's own, far higher limit, checked as it opens
+        raise ImageTooLargeError(f"{source} declares too many pixels; the limit is {MAX_PIXELS:,}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{source} is not an image in a format Pillow reads (PNG, JPEG, ...)") from None
     except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt file of a known format
@@ -66,8 +86,8 @@ def _has_alpha(img) -> bool:
 
 def to_gray(pixels: np.ndarray) -> np.ndarray:
     """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> (H, W) float64 luma. With an alpha channel, transparent
-    pixels take the background's value: the median of the opaque border pixels, else 0 (a canvas drawn with
-    ink on a transparent ground)."""
+    pixels take the background's value: the median of the opaque border pixels; when the border is transparent
+    (ink drawn on a transparent canvas), the opposite of the ink: white behind dark ink, black behind light ink."""
     a = np.asarray(pixels, dtype=np.float64)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
@@ -79,7 +99,11 @@ def to_gray(pixels: np.ndarray) -> np.ndarray:
     if a.shape[2] == 4:
         alpha = a[..., 3] / 255.0
         opaque_border = _border(gray)[_border(alpha) > 0.5]
-        ground = float(np.median(opaque_border)) if opaque_border.size else 0.0
+        if opaque_border.size:
+            ground = float(np.median(opaque_border))
+        else:  # the ink is whatever is opaque: put it on a ground it stands out from
+            opaque = gray[alpha > 0.5]
+            ground = 255.0 if opaque.size and float(np.median(opaque)) <= 127.5 else 0.0
         gray = alpha * gray + (1 - alpha) * ground
     return gray
 

@@ -34,8 +34,9 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fails fast, in one line, when the tracking store cannot be used.
+def check_tracking_uri(uri: str, timeout: float = 5.0, *, reading: bool = False) -> None:
+    """Fails fast, in one line, when the tracking store cannot be used (``reading``: by a command that only reads
+    runs, so the error does not suggest ``--no-track``, which such a command does not have).
 
     An http(s) server must answer ``/health`` (or the experiments API) within ``timeout`` seconds; no retries,
     so a dead server is reported at once instead of after MLflow's minutes of back-off. A SQLite file must
@@ -43,14 +44,15 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        _check_server(uri.rstrip("/"), timeout)
+        _check_server(uri.rstrip("/"), timeout, "start it or pass another --tracking-uri" if reading else
+                      "start it, pass another --tracking-uri, or --no-track")  # fmt: skip
     elif parsed.scheme == "sqlite":
         path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
         if path and path != ":memory:" and not Path(path).resolve().parent.is_dir():
             raise UserError(f"tracking URI {uri}: folder {Path(path).resolve().parent} does not exist")
 
 
-def _check_server(base: str, timeout: float) -> None:
+def _check_server(base: str, timeout: float, hint: str) -> None:
     answers = []
     for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
         try:
@@ -62,10 +64,7 @@ def _check_server(base: str, timeout: float) -> None:
             answers.append(f"{path} -> HTTP {exc.code}")
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UserError(
-                f"MLflow tracking server {base} is not reachable ({reason}); start it, pass another "
-                "--tracking-uri, or --no-track"
-            ) from None
+            raise UserError(f"MLflow tracking server {base} is not reachable ({reason}); {hint}") from None
     raise UserError(f"MLflow tracking server {base} does not answer like an MLflow server ({'; '.join(answers)})")
 
 
