@@ -122,8 +122,8 @@ def test_ctrl_c_leaves_a_killed_run_that_resumes(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--lr", "0", "--lr: lr=0.0 must be > 0"),
-        ("--lr", "-1e-3", "--lr: lr=-0.001 must be > 0"),
+        ("--lr", "0", "--lr: lr=0.0 must be a finite number > 0"),
+        ("--lr", "-1e-3", "--lr: lr=-0.001 must be a finite number > 0"),
         ("--epochs", "0", "--epochs: epochs=0 must be a positive integer"),
     ],
 )
