@@ -4,10 +4,7 @@ and downloaded from a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import dataclasses
-import functools
-import http.server
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -136,33 +133,6 @@ def test_svhn_label_out_of_range_is_refused(tmp_path, monkeypatch):
     use_local(monkeypatch, "svhn", folder)
     with pytest.raises(UserError, match=r"train_32x32.mat: X has shape \(28, 28, 2\); expected \(32, 32, 3, N\)"):
         load_dataset("svhn", root=tmp_path)
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    """Serves tmp_path/www on 127.0.0.1; yields (base URL, requested paths, folder)."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    www = tmp_path / "www"
-    www.mkdir()
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, www
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
 
 
 def test_download_from_a_local_server(tmp_path, server, monkeypatch):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,37 +35,6 @@ def fake_spec(folder: Path, mirrors: tuple[str, ...], name: str = "fake") -> IDX
     """A registry entry for the files in ``folder``, with their MD5s."""
     files = [RemoteFile(n, md5sum(folder / n)) for n in NAMES]
     return IDXDataset(name, *files, mirrors=mirrors, classes=("a", "b", "c"))
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-def server(tmp_path):
-    """Serves tmp_path/www on a free port; yields (base URL, list of requested paths)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass  # quiet test output
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, www
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
 
 
 @pytest.fixture
