@@ -31,11 +31,11 @@ from vitbn.provenance import command_line, current
 IMPLS = ("plain", "fused", "auto")
 
 
-def make_case(model_name: str, impl: str, mode: str, precision: str, batch: int, device) -> Case:
+def make_case(model_name: str, impl: str, mode: str, precision: str, batch: int, device, compile: bool) -> Case:
     torch.manual_seed(0)
     model = create_model(model_name, depth=6, attn_impl=impl)
     make = train_case if mode == "train" else infer_case
-    return make(f"{model_name} {mode} {impl}", model, precision=precision, batch=batch, device=device, compile=False)
+    return make(f"{model_name} {mode} {impl}", model, precision=precision, batch=batch, device=device, compile=compile)
 
 
 def main() -> None:
@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     p.add_argument("--batch", type=int, default=100, help="training batch")
     p.add_argument("--infer-batch", type=int, default=1000)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every case (auto then takes its captured-graph path, captured_path)")  # fmt: skip
     add_round_arguments(p, repeats=9)
     p.add_argument("--markdown", metavar="FILE", help="also write the table as a page under its provenance line")
     args = p.parse_args()
@@ -53,13 +55,13 @@ def main() -> None:
     device = resolve_device(args.device)
     keys = [(m, mode, prec, impl) for m in args.models for mode in args.modes for prec in args.precisions
             for impl in IMPLS]  # fmt: skip
-    cases = {k: make_case(k[0], k[3], k[1], k[2], args.batch if k[1] == "train" else args.infer_batch, device)
-             for k in keys}  # fmt: skip
+    cases = {k: make_case(k[0], k[3], k[1], k[2], args.batch if k[1] == "train" else args.infer_batch, device,
+                          args.compile) for k in keys}  # fmt: skip
     run_rounds(list(cases.values()), args)
     lines = [
         f"# {device_name(device)}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
         f"{device}, train batch {args.batch}, infer batch {args.infer_batch}, {args.repeats} interleaved "
-        "rounds",  # fmt: skip
+        f"rounds{', torch.compile' if args.compile else ', eager'}",  # fmt: skip
         f"{'model':<7}{'mode':<7}{'prec':<6}{'attention':<10}{'img/s':>9}{'min':>9}{'max':>9}{'vs plain':>13}",
     ]
     for (m, mode, prec, impl), case in cases.items():
@@ -70,7 +72,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        print(f"wrote {write_page(markdown_page('Attention: plain vs fused', [made.line()], text), args.markdown)}")
+        title = f"Attention: plain vs fused{', compiled' if args.compile else ''}"
+        print(f"wrote {write_page(markdown_page(title, [made.line()], text), args.markdown)}")
 
 
 if __name__ == "__main__":

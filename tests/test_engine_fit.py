@@ -166,7 +166,7 @@ def test_auto_attention_is_tagged_checkpointed_and_kept_by_a_resumed_run(tmp_pat
     assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in whole.history]
 
 
-def test_a_compiled_models_auto_attention_is_tagged_as_the_fused_kernel():
+def test_a_compiled_models_auto_attention_is_tagged_as_the_captured_path():
     from types import SimpleNamespace
 
     from vitbn.engine.runlog import ATTN_TAG, log_attention_choices
@@ -177,8 +177,8 @@ def test_a_compiled_models_auto_attention_is_tagged_as_the_fused_kernel():
     run = SimpleNamespace(model=model, net=SimpleNamespace(compiled=True), tracker=tracker, attn_choices={},
                           attn_tagged={})  # fmt: skip
     log_attention_choices(run)
-    assert json.loads(tracker.run.tags[ATTN_TAG]) == {"torch.compile": "fused"}
-    assert run.attn_choices == {}  # nothing for a checkpoint to load: compiled graphs always take the fused kernel
+    assert json.loads(tracker.run.tags[ATTN_TAG]) == {"torch.compile": "plain"}  # a training graph on the CPU
+    assert run.attn_choices == {}  # nothing for a checkpoint to load: a captured graph's path is fixed
 
 
 def test_extending_a_finished_run(tmp_path, data):

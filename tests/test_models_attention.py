@@ -185,7 +185,7 @@ def test_pinned_auto_does_not_measure_and_a_bad_pin_is_one_line(measured, monkey
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace: what export_torchscript uses
-def test_auto_is_the_fused_kernel_in_a_captured_graph(measured):
+def test_auto_is_the_fused_kernel_in_a_captured_inference_graph(measured):
     model = create_model("vitbn", **TINY).eval()
     fused = create_model("vitbn", **TINY, attn_impl="fused").eval()
     fused.load_state_dict(model.state_dict())
@@ -272,3 +272,23 @@ def test_a_compiled_training_step_is_one_graph(impl):
     x = torch.randn(4, 1, 28, 28)
     net(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_captured_path_is_plain_for_training_on_a_cpu_and_fused_otherwise():
+    from vitbn.models.attention import captured_path
+
+    assert [captured_path(d, g) for d in ("cpu", "cuda") for g in (True, False)] == ["plain", "fused", "fused", "fused"]
+    model = create_model("vit", **TINY).train()  # attn_impl="auto"
+    plain = create_model("vit", **TINY, attn_impl="plain").train()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    counts = {}
+
+    def backend(gm, inputs):  # the ops of the captured training graph
+        for node in gm.graph.nodes:
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+        return gm.forward
+
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    assert any("baddbmm" in k for k in counts) and not any("scaled_dot_product" in k for k in counts)
+    assert_close(out, plain(x))

@@ -14,7 +14,7 @@ from vitbn.engine.distributed import from_main
 from vitbn.engine.history import write_history
 from vitbn.engine.selection import BEST_NAME
 from vitbn.engine.setup import run_params
-from vitbn.models.attention import attention_choices
+from vitbn.models.attention import attention_choices, captured_path
 from vitbn.tracking.env import environment_tags
 
 END_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "killed": "KILLED", "failed": "FAILED"}
@@ -66,12 +66,13 @@ def close_tracking(run: Any, status: str, quiet: bool = False) -> None:
 def log_attention_choices(run: Any) -> None:
     """Adds the attention paths that ``attn_impl="auto"`` chose since the last call (choice key -> path, see
     ``vitbn.models.attention``) to ``run.attn_choices`` (what the checkpoint keeps, so that a resumed run takes
-    the same paths), and tags the run with them as JSON when they changed. A compiled model's ``"auto"`` is the
-    fused kernel, tagged under the key ``"torch.compile"``."""
+    the same paths), and tags the run with them as JSON when they changed. A compiled model's ``"auto"`` takes
+    ``captured_path`` in its training graph, tagged under the key ``"torch.compile"``."""
     choices = {**run.attn_choices, **attention_choices(run.model)}
     tagged = dict(choices)
     if run.net.compiled and run.model.config.attn_impl == "auto":
-        tagged["torch.compile"] = "fused"
+        device = next(run.model.parameters()).device.type
+        tagged["torch.compile"] = captured_path(device, grad=True)
     if tagged != run.attn_tagged:
         run.tracker.set_tags({ATTN_TAG: json.dumps(tagged, sort_keys=True)})
     run.attn_choices, run.attn_tagged = choices, tagged

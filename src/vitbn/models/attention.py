@@ -10,7 +10,7 @@ measuring.
   (``attention_choices``) so that a run can log them and a resumed run can reuse them
   (``load_attention_choices``). ``VITBN_ATTN_AUTO=fused|plain`` pins the choice without measuring (identical
   paths across processes, e.g. the ranks of a distributed run). Under ``torch.compile``, ``torch.export`` and
-  TorchScript tracing, ``"auto"`` is the fused kernel: nothing can be timed inside a graph being captured.
+  TorchScript tracing nothing can be timed inside the graph being captured, so ``"auto"`` takes ``captured_path``.
 
 The per-key score term: a model folded by ``vitbn.bn.fuse_bn`` may carry, after the 3*H*Dh features of q, k and
 v, H more features per token, ``c = scale * b_q . k_j`` per head, added to every query's scores of key j (see
@@ -66,7 +66,7 @@ class AttentionCore(nn.Module):
         path = self.impl
         if path == "auto":
             if _capturing():  # no timing, no Python side effects, no shapes formatted into strings
-                path = "fused"
+                path = captured_path(qkv.device.type, _grad_mode(qkv))
             else:
                 key = choice_key(qkv, self.heads, self.dim_head)
                 path = self.attn_choices[key] = resolve_auto(key, qkv, run)
@@ -229,6 +229,15 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 # --- "auto": choice by measurement -------------------------------------------------------------------------------
+
+
+def captured_path(device_type: str, grad: bool) -> str:
+    """The path ``"auto"`` takes inside a graph being captured, where nothing can be timed: the plain path for a
+    training graph on a CPU, where inductor fuses its element-wise work around two batched products and the CPU
+    flash kernel's backward runs slowly in a compiled bf16 graph; the fused kernel otherwise (inference graphs, and
+    GPUs with their flash kernels). The evidence: ``benchmarks/attention_impl.py --compile``, whose figures are in
+    docs/bench/attention_impl.md."""
+    return "plain" if device_type == "cpu" and grad else "fused"
 
 
 def _capturing() -> bool:
