@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100, help="training batch")
     p.add_argument("--infer-batch", type=int, default=1000)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile every case (auto then takes its captured-graph path, captured_path)")  # fmt: skip
+                   help="torch.compile every case (auto then takes captured_path)")  # fmt: skip
     add_round_arguments(p, repeats=9)
     p.add_argument("--markdown", metavar="FILE", help="also write the table as a page under its provenance line")
     args = p.parse_args()
