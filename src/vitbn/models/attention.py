@@ -236,7 +236,7 @@ def captured_path(device_type: str, grad: bool) -> str:
     training graph on a CPU, where inductor fuses its element-wise work around two batched products and the CPU
     flash kernel's backward runs slowly in a compiled bf16 graph; the fused kernel otherwise (inference graphs, and
     GPUs with their flash kernels). The evidence: ``benchmarks/attention_impl.py --compile``, whose figures are in
-    docs/bench/attention_impl.md."""
+    docs/bench/attention_impl_compiled.md."""
     return "plain" if device_type == "cpu" and grad else "fused"
 
 
