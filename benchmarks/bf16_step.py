@@ -36,7 +36,7 @@ def master_weights_case(name: str, batch: int, device: torch.device) -> Case:
     master = [p.detach().clone().float() for p in model.parameters()]
     model.to(torch.bfloat16)
     params = list(model.parameters())
-    optimizer = torch.optim.Adam(master, lr=1e-4, fused=device.type == "cpu" or device.type == "cuda")
+    optimizer = torch.optim.Adam(master, lr=1e-4, fused=device.type in ("cpu", "cuda"))
     x, y = batch_for(model, batch, device)
     x = x.to(torch.bfloat16)
 
@@ -54,18 +54,15 @@ def master_weights_case(name: str, batch: int, device: torch.device) -> Case:
     return Case(name, step, images=batch, device=device)
 
 
-def compiled_case(name: str, batch: int, device: torch.device, mode: str | None) -> Case:
-    model = create_model("vit", depth=6)
-    case = train_case(name, model, precision="bf16", batch=batch, device=device, compile=False)
-    if mode is None:
-        return case
-    # the engine's step around a compiled module, as ``--compile`` does; ``mode`` picks inductor's GEMM choice
+def compiled_case(name: str, batch: int, device: torch.device, mode: str) -> Case:
+    """The engine's step around a ``torch.compile``'d module, as ``--compile`` does; ``mode`` picks inductor's GEMM
+    choice (``"default"`` or ``"max-autotune"``)."""
     from vitbn.config import TrainConfig
     from vitbn.engine.device import make_amp
     from vitbn.engine.optim import build_optimizer
     from vitbn.engine.step import make_loss, train_step
 
-    model = model.to(device).train()
+    model = create_model("vit", depth=6).to(device).train()
     net = torch.compile(model, mode=mode)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
     amp, loss_fn = make_amp("bf16", device), make_loss()
